@@ -1,0 +1,697 @@
+"""01_tokenizer.py — 处理文本数据：从文字到词元（token），再到向量
+本章你会学到：
+  1. 最朴素的分词：正则切词 + 查词表，以及它遇到生词时的毛病（<|unk|>）
+  2. 字节级 BPE：预分词、训练（增量更新配对计数，几秒训练完）、编码、解码、特殊词元
+  3. 同一个从零写的编码器装上 GPT-2 的词表，与 tiktoken 逐 id 一致，并比较速度
+  4. 项目自己的中文友好分词器：训练后写进 data/tokenizer.json，之后各章用 tiktoken 读取它
+  5. 给 GPT 喂数据：滑动窗口数据集、词元嵌入 + 位置嵌入、"查表 = one-hot 乘矩阵"
+运行：python 01_tokenizer.py          # 全部演示：2 核 CPU 约 12 秒
+      python 01_tokenizer.py --quick  # 冒烟：约 6 秒
+      python 01_tokenizer.py --train  # 重新训练 data/tokenizer.json：约 7 秒（训练本身约 4 秒）
+"""
+import argparse
+import ast
+import base64
+import heapq
+import importlib.util
+import json
+import operator
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from itertools import chain, compress, repeat
+from pathlib import Path
+
+import regex
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+# ===== 1. 公共工具（其他脚本从这里逐字复制） =====
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class UserError(Exception):
+    """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
+
+
+# GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def get_gpt2_tokenizer():
+    """GPT-2 分词器（tiktoken）。离线时依次尝试：环境变量 NFL_GPT2_VOCAB 指向的 ranks 文件、
+    models/gpt2.tiktoken、已安装的 openai-whisper 包自带的 assets/gpt2.tiktoken（不 import 它）。"""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # 没有网络、也没有 tiktoken 缓存
+        pass
+    candidates = []
+    if os.environ.get("NFL_GPT2_VOCAB"):
+        candidates.append(Path(os.environ["NFL_GPT2_VOCAB"]))
+    candidates.append(Path(__file__).resolve().parent / "models" / "gpt2.tiktoken")
+    spec = importlib.util.find_spec("whisper")  # 只查找包的位置，不执行它的代码
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidates.append(Path(folder) / "assets" / "gpt2.tiktoken")
+    for path in candidates:
+        if path.is_file():
+            # .tiktoken 格式：每行"base64(字节串) 排名"
+            lines = path.read_text(encoding="ascii").split("\n")
+            ranks = {base64.b64decode(tok): int(rank)
+                     for tok, rank in (line.split() for line in lines if line)}
+            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": 50256})
+    raise UserError(
+        "找不到 GPT-2 词表：tiktoken 无法联网下载。请任选其一：联网运行一次；"
+        "或 pip install --no-deps openai-whisper（自带 gpt2.tiktoken）；"
+        "或把 gpt2.tiktoken 放到 models/ 下，或用环境变量 NFL_GPT2_VOCAB 指向它。")
+
+
+def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
+    """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
+        return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
+                                 mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"分词器文件 {path} 已损坏或格式不对：{err}") from None
+
+
+ENDOFTEXT = "<|endoftext|>"  # 文档之间的分隔符：训练时绝不跨过它合并
+UNK = "<|unk|>"
+DEFAULT_VOCAB_SIZE = 6144    # 含 <|endoftext|>；64 的倍数，嵌入矩阵在 GPU 上更规整
+
+
+# ===== 2. 读取语料 =====
+def read_corpus(path):
+    """path 是 .txt 文件或目录（递归读取其中全部 .txt，按相对路径排序）；每个文件是一篇文档。"""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"找不到语料 {path}：请用 --corpus 指定一个 .txt 文件或包含 .txt 的目录")
+    try:
+        docs = [f.read_text(encoding="utf-8") for f in files]
+    except UnicodeDecodeError as err:
+        raise UserError(f"语料不是 UTF-8 编码：{err}") from None
+    if not any(doc.strip() for doc in docs):
+        raise UserError(f"语料 {path} 是空的：里面没有任何非空的 .txt 文本")
+    return docs
+
+
+# ===== 3. 最朴素的分词：正则切词 + 查词表 =====
+# 英文按单词切，数字串整体，汉字没有空格分词，只好一个字一个词；空白直接丢掉
+SIMPLE_PAT = regex.compile(r"<\|endoftext\|>|[A-Za-z]+(?:'[a-z]+)?|\d+|\p{Han}|\S")
+
+
+class SimpleTokenizer:
+    """按正则切词、查词表的分词器：词表之外的词一律变成 <|unk|>。"""
+
+    def __init__(self, vocab):
+        self.str_to_int = vocab
+        self.int_to_str = {i: s for s, i in vocab.items()}
+
+    @classmethod
+    def from_text(cls, text):
+        """词表 = 语料里出现过的所有词（排序后编号），再加两个特殊词。"""
+        words = sorted(set(SIMPLE_PAT.findall(text)) - {ENDOFTEXT})
+        return cls({word: i for i, word in enumerate(words + [ENDOFTEXT, UNK])})
+
+    def encode(self, text):
+        unk = self.str_to_int[UNK]
+        return [self.str_to_int.get(word, unk) for word in SIMPLE_PAT.findall(text)]
+
+    def decode(self, ids):
+        out = ""
+        for word in map(self.int_to_str.__getitem__, ids):
+            pair = out[-1:] + word[0]
+            if len(pair) == 2 and pair.isascii() and pair.isalnum():
+                out += " "  # 空白在切词时丢了，只能猜：两个英文词之间补一个空格
+            out += word
+        return out
+
+
+# ===== 4. 字节级 BPE 的预分词 =====
+# BPE 从 256 个单字节出发，任何文本（生僻字、emoji、乱码）都能编码，不存在"生词"。
+# 合并前先用正则把文本切成片段，合并只在片段内部发生，避免"句号+下一个词"这种词元。
+# 项目的切分规则：汉字串单独成段（可学出"模型""神经网络"这样的多字词元），其他字母串可带
+# 一个前导空格；数字每 3 位一段（"12345" -> "123" "45"），算术题里的数才有规律可学。
+PROJECT_PAT = (r"""'(?:[sdmt]|ll|ve|re)|\p{Han}+| ?[^\P{L}\p{Han}]+|\p{N}{1,3}"""
+               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_NO_MERGE = 1 << 62                        # "这两段拼起来不是词元"，比任何 rank 都大
+_BYTES = [bytes([i]) for i in range(256)]  # 预先做好的单字节 bytes，省得反复创建
+_CACHE_LIMIT = 1 << 18                     # 片段缓存最多这么多条，超了就清空，防止内存无限涨
+_LONG_PIECE = 256                          # 超过这么多字节的片段改用堆来合并
+
+
+def _special_regex(tokens):
+    """匹配任一特殊词元的正则；长的排前面，避免被它的前缀抢先匹配。"""
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+# ===== 5. BPE 训练：只数一次，之后增量更新 =====
+# 朴素做法每合并一次就把全语料的相邻对重数一遍：O(合并次数 × 语料长度)。这里做三件事：
+#   1) 相同的预分词片段只存一份，带上出现次数（"的"出现一万次也只算一个"词"）；
+#   2) 记住每个相邻对出现在哪些词里，合并时只改动这些词，计数按差值增减；
+#   3) 用堆取出现次数最多的对；计数变了就压入新条目，旧条目弹出时发现对不上就丢弃（惰性删除）。
+def _merge_word(word, pair, new_id):
+    """把 word 里所有（从左到右、不重叠的）pair 换成 new_id；返回新词和合并点在新词里的下标。"""
+    first, second = pair
+    out, spots, i = [], [], 0
+    while True:
+        try:
+            j = word.index(first, i)  # list.index 在 C 里扫描，比逐个比较快得多
+        except ValueError:
+            break
+        if j + 1 < len(word) and word[j + 1] == second:
+            out += word[i:j]
+            spots.append(len(out))
+            out.append(new_id)
+            i = j + 2
+        else:
+            out += word[i:j + 1]
+            i = j + 1
+    return out + word[i:], spots
+
+
+def _apply_merge(pair, new_id, words, freqs, pair_counts, where):
+    """在含 pair 的词里执行合并，只更新受影响的相邻对计数；返回计数变了的对。"""
+    delta = defaultdict(int)
+    for wi in where.pop(pair):
+        word = words[wi]
+        merged, spots = _merge_word(word, pair, new_id)
+        if not spots:  # 索引里的旧记录：这个词早已不含该对
+            continue
+        # 第 k 个合并点在旧词里的下标是 j + k；它左、中、右三个旧对消失，左右两个新对出现
+        old = {j + k + d for k, j in enumerate(spots) for d in (-1, 0, 1)}
+        new = {j + d for j in spots for d in (-1, 0)}
+        for j in old:
+            if 0 <= j < len(word) - 1:
+                delta[word[j], word[j + 1]] -= freqs[wi]
+        for j in new:
+            if 0 <= j < len(merged) - 1:
+                delta[merged[j], merged[j + 1]] += freqs[wi]
+                where[merged[j], merged[j + 1]].add(wi)
+        words[wi] = merged
+    for p, d in delta.items():
+        pair_counts[p] += d
+        if not pair_counts[p]:  # 计数归零就删掉；堆里它的旧条目弹出时自然作废
+            del pair_counts[p]
+    return [p for p, d in delta.items() if d and p in pair_counts]
+
+
+def learn_merges(words, freqs, num_tokens, verbose=False):
+    """words：每个不同片段的字节 id 列表（会被原地改写）；freqs：出现次数。
+    一直合并到词表有 num_tokens 个普通词元。返回（词元字节串列表，[((左id, 右id), 新id), ...]）。"""
+    vocab = list(_BYTES)
+    index_of = {tok: i for i, tok in enumerate(vocab)}
+    pair_counts, where = defaultdict(int), defaultdict(set)
+    for wi, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[wi]
+            where[pair].add(wi)
+    # 堆顶 = 次数最多的对；次数相同取 (左id, 右id) 最小的，保证结果确定、可复现
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges, start = [], time.perf_counter()
+    while len(vocab) < num_tokens and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -neg_count:  # 过期条目
+            continue
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new_id = index_of.get(merged)  # 极少数情况下不同拆法拼出同一串字节：沿用已有的 id
+        if new_id is None:
+            new_id = index_of[merged] = len(vocab)
+            vocab.append(merged)
+        merges.append((pair, new_id))
+        for p in _apply_merge(pair, new_id, words, freqs, pair_counts, where):
+            heapq.heappush(heap, (-pair_counts[p], p))
+        if verbose and len(merges) % 1000 == 0:
+            print(f"  合并 {len(merges)} 次，词表 {len(vocab)}/{num_tokens}，"
+                  f"已用 {time.perf_counter() - start:.1f}s")
+    return vocab, merges
+
+
+# ===== 6. BPE 分词器：编码、解码、保存 =====
+def _char_windows(token):
+    """词元内部每个字符边界两侧的（左片段, 右片段）。UTF-8 里 10xxxxxx 是续字节，其余字节是字符开头。"""
+    starts = [i for i, byte in enumerate(token) if i == 0 or not 0x80 <= byte < 0xC0]
+    ends = starts[1:] + [len(token)]
+    return [(token[a:b], token[b:c]) for a, b, c in zip(starts, ends, ends[1:])]
+
+
+class BPETokenizer:
+    """字节级 BPE。ranks：词元字节串 -> id（id 越小越早学到、越优先合并）。
+    BPETokenizer() 是只有 256 个单字节词元的未训练分词器。"""
+
+    def __init__(self, ranks=None, pat_str=PROJECT_PAT, special_tokens=None, name="nfl-bpe"):
+        self.name, self.pat_str = name, pat_str
+        self.ranks = dict(ranks) if ranks is not None else {tok: i for i, tok in enumerate(_BYTES)}
+        self.special_tokens = dict(special_tokens or {})
+        self.merges = []
+        self._pattern = regex.compile(pat_str)
+        self._rebuild()
+
+    def _rebuild(self):
+        """词表变了以后，重建解码表和编码加速用的字符边界表，并清空缓存。"""
+        self._decoder = {i: tok for tok, i in self.ranks.items()}
+        self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self._special_re = _special_regex(self.special_tokens) if self.special_tokens else None
+        # 每个"跨字符边界的窗口"占一个二进制位；非 ASCII 的排前面，使汉字的位掩码是小整数
+        windows = sorted({w for tok in self.ranks for w in _char_windows(tok)},
+                         key=lambda w: (w[0].isascii() and w[1].isascii(), w))
+        self._left_bits, self._right_bits = defaultdict(int), defaultdict(int)
+        for bit, (left, right) in enumerate(windows):
+            self._left_bits[left] |= 1 << bit
+            self._right_bits[right] |= 1 << bit
+        self.clear_cache()
+
+    def clear_cache(self):
+        self._cache, self._chunks, self._lefts, self._rights = {}, {}, {}, {}
+
+    @property
+    def n_vocab(self):
+        return max([*self.ranks.values(), *self.special_tokens.values()]) + 1
+
+    def train(self, text, vocab_size, verbose=False):
+        """在 text 上学合并规则，使词表（含 <|endoftext|>）共 vocab_size 个；返回 self。"""
+        if vocab_size < 258:
+            raise UserError(f"词表大小 {vocab_size} 太小：至少 258（256 个字节 + 1 次合并 + 结束符）")
+        counts = Counter()
+        for doc in text.split(ENDOFTEXT):
+            counts.update(self._pattern.findall(doc))
+        pieces = sorted(counts)  # 排序：与 Counter 的插入顺序无关，结果可复现
+        words = [list(piece.encode("utf-8")) for piece in pieces]
+        vocab, self.merges = learn_merges(words, [counts[p] for p in pieces], vocab_size - 1,
+                                          verbose)
+        self.ranks = {tok: i for i, tok in enumerate(vocab)}
+        self.special_tokens = {ENDOFTEXT: len(vocab)}
+        self._rebuild()
+        return self
+
+    # ---- 编码 ----
+    # tiktoken 的规则：片段本身是词元就直接用；否则从单字节出发，反复合并"拼起来 rank 最小"的
+    # 相邻两段（并列取最左），直到没有可合并的。同一规则既适用于我们训练的词表，也适用于 GPT-2。
+    def _merge(self, data):
+        if len(data) > _LONG_PIECE:
+            return self._merge_long(data)
+        get = self.ranks.get
+        parts = list(map(_BYTES.__getitem__, data))
+        # pair_rank[i] = parts[i] 和 parts[i+1] 拼起来的 rank；末尾放一个哨兵
+        pair_rank = list(map(get, map(bytes.__add__, parts, parts[1:]), repeat(_NO_MERGE)))
+        pair_rank.append(_NO_MERGE)
+        while True:
+            best = min(pair_rank)  # min/index 都在 C 里跑，比 Python 循环找最小值快一个数量级
+            if best == _NO_MERGE:
+                break
+            i = pair_rank.index(best)
+            parts[i] += parts.pop(i + 1)
+            del pair_rank[i]
+            if i:  # 只有新段左右两个相邻对变了
+                pair_rank[i - 1] = get(parts[i - 1] + parts[i], _NO_MERGE)
+            if i < len(parts) - 1:
+                pair_rank[i] = get(parts[i] + parts[i + 1], _NO_MERGE)
+        return list(map(self.ranks.__getitem__, parts))
+
+    def _merge_long(self, data):
+        """同样的规则，用于很长的片段（如几千个空格）：上面每步都扫一遍整个列表，是 O(n²)；
+        这里把相邻对放进堆（键 = (rank, 起始字节位置)，取出的就是 rank 最小且最靠左的），
+        各段用双向链表相连，合并后只压入新出现的两个对，旧条目取出时发现对不上就跳过。"""
+        get, n = self.ranks.get, len(data)
+        parts = list(map(_BYTES.__getitem__, data))  # parts[i]：从第 i 个字节开始的段；被并掉则为 None
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        heap = [(r, i) for i, r in enumerate(map(get, map(bytes.__add__, parts, parts[1:])))
+                if r is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i]
+            if parts[i] is None or j == n or get(parts[i] + parts[j]) != rank:
+                continue  # 过期条目
+            parts[i] += parts[j]
+            parts[j], nxt[i] = None, nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            for left in (prv[i], i):
+                if left >= 0 and nxt[left] < n:
+                    rank = get(parts[left] + parts[nxt[left]])
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, left))
+        return [self.ranks[part] for part in parts if part is not None]
+
+    # 加速的关键观察：合并出的每一段都必须是词元。若词表里没有任何词元跨过某个字符边界
+    # （例如 GPT-2 里几乎没有跨两个汉字的词元），这个边界两侧永远不会合在一起，在这里切开、
+    # 两边各自合并，结果与整段合并完全相同。切出的小段（单字、常见词）反复出现，算一次就缓存。
+    def _char_masks(self, ch):
+        data = ch.encode("utf-8")
+        left = right = 0
+        for i in range(len(data)):
+            left |= self._left_bits.get(data[i:], 0)       # ch 的某个后缀出现在窗口左侧
+            right |= self._right_bits.get(data[:i + 1], 0)  # ch 的某个前缀出现在窗口右侧
+        return left, right
+
+    def _glued(self, piece):
+        """第 i 项非零 = piece[i] 与 piece[i+1] 的掩码有公共位 = 可能有词元跨过这个边界，不能切。"""
+        lefts, rights = self._lefts, self._rights
+        return list(map(operator.and_, map(lefts.__getitem__, piece),
+                        map(rights.__getitem__, piece[1:])))
+
+    def _safe_chunks(self, piece):
+        try:
+            glued = self._glued(piece)
+        except KeyError:  # 有没见过的字：先算它的掩码
+            for ch in set(piece).difference(self._lefts):
+                self._lefts[ch], self._rights[ch] = self._char_masks(ch)
+            glued = self._glued(piece)
+        if not any(glued):  # 常见情形（如 GPT-2 遇到汉字）：每个字各成一段
+            return list(piece)
+        cuts = [0, *compress(range(1, len(piece)), map(operator.not_, glued)), len(piece)]
+        return list(map(piece.__getitem__, map(slice, cuts, cuts[1:])))
+
+    def _encode_piece(self, piece):
+        data = piece.encode("utf-8")
+        rank = self.ranks.get(data)
+        if rank is not None:
+            return [rank]
+        if len(piece) == 1 or piece.isascii():  # 英文片段几乎处处相连，切分不划算
+            return self._merge(data)
+        chunks, memo = self._safe_chunks(piece), self._chunks
+        for chunk in set(chunks).difference(memo):
+            memo[chunk] = self._merge(chunk.encode("utf-8"))  # 注意：小段不走"整段是词元"的捷径
+        return list(chain.from_iterable(map(memo.__getitem__, chunks)))
+
+    def _encode_text(self, text):
+        pieces = self._pattern.findall(text)
+        if len(self._cache) > _CACHE_LIMIT:
+            self.clear_cache()
+        cache = self._cache
+        for piece in set(pieces).difference(cache):  # 只有没见过的片段才需要真正去合并
+            cache[piece] = self._encode_piece(piece)
+        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+
+    def encode_ordinary(self, text):
+        """编码，特殊词元的文字当普通文本处理。"""
+        try:
+            return self._encode_text(text)
+        except UnicodeEncodeError:  # 落单的代理字符：与 tiktoken 一样先替换成 U+FFFD 再编码
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._encode_text(text)
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        """语义与 tiktoken 相同：allowed_special 里的特殊词元编成一个 id；文本里出现了
+        disallowed_special（默认 = 其余所有特殊词元）就报 ValueError，防止用户输入冒充控制符号。"""
+        if allowed_special == "all":
+            allowed_special = set(self.special_tokens)
+        if disallowed_special == "all":
+            disallowed_special = set(self.special_tokens) - set(allowed_special)
+        if disallowed_special:
+            found = _special_regex(disallowed_special).search(text)
+            if found:
+                raise ValueError(f"文本里出现了未被允许的特殊词元 {found.group()!r}：要编成特殊词元请放进 "
+                                 f"allowed_special；要当普通文字请传 disallowed_special=()")
+        if not allowed_special or not self.special_tokens:
+            return self.encode_ordinary(text)
+        ids, start = [], 0
+        while True:
+            found = self._special_re.search(text, start)
+            while found and found.group() not in allowed_special:  # 不允许的当普通文字，继续找
+                found = self._special_re.search(text, found.start() + 1)
+            end = found.start() if found else len(text)
+            ids += self.encode_ordinary(text[start:end])
+            if not found:
+                return ids
+            ids.append(self.special_tokens[found.group()])
+            start = found.end()
+
+    def decode(self, ids):
+        """拼回字节再按 UTF-8 解码；一个汉字可能被切在两个词元里，单独解码时不完整的字节显示为 �。"""
+        return b"".join(map(self._decoder.__getitem__, ids)).decode("utf-8", errors="replace")
+
+    def token_str(self, token_id):
+        """给人看的词元：完整的字符照常显示，半个字符的字节显示成 \\xe7 这样。"""
+        return self._decoder[token_id].decode("utf-8", errors="backslashreplace")
+
+    # ---- 保存与加载：tiktoken 也能直接读的格式 ----
+    def save(self, path, **info):
+        """写成 JSON：名字、切分正则、特殊词元、按 rank 排好的 base64 词元；info 是附加说明。"""
+        tokens = sorted(self.ranks, key=self.ranks.get)
+        if [self.ranks[t] for t in tokens] != list(range(len(tokens))):
+            raise UserError("词表的 rank 不是 0..n-1 连续编号，无法保存")
+        spec = {"name": self.name, "pat_str": self.pat_str, "special_tokens": self.special_tokens,
+                "vocab_size": self.n_vocab, **info,
+                "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")  # 先写临时文件再改名：中途出错也不会留下半个文件
+        tmp.write_text(json.dumps(spec, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        enc = load_project_tokenizer(path)  # 同一份文件，先让 tiktoken 读一遍也顺便校验了格式
+        return cls.from_tiktoken(enc)
+
+    @classmethod
+    def from_tiktoken(cls, enc):
+        """用 tiktoken 词表（如 GPT-2 的）构造从零实现的编码器。"""
+        return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, enc.name)
+
+    def to_tiktoken(self):
+        return tiktoken.Encoding(name=self.name, pat_str=self.pat_str, mergeable_ranks=self.ranks,
+                                 special_tokens=self.special_tokens)
+
+
+# ===== 7. 与 tiktoken 对比：结果逐 id 一致吗？速度差多少？ =====
+def _docstrings(num_bytes):
+    """Python 标准库里的英文文档字符串：现成、够多、和我们的语料毫无关系。"""
+    out, size = [], 0
+    for path in sorted(Path(os.__file__).parent.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        nodes = (node for node in ast.walk(tree) if isinstance(node, kinds))
+        for doc in filter(None, map(ast.get_docstring, nodes)):
+            out.append(doc)
+            size += len(doc.encode("utf-8"))
+            if size >= num_bytes:
+                return out
+    return out
+
+
+def make_benchmark_text(docs, num_bytes, seed):
+    """约 num_bytes 字节的中英混合文本：一半英文文档字符串；一半中文，每句由语料里随机两个分句
+    各取一截拼成——不是把训练语料原样重复，编码器的缓存占不到便宜。"""
+    rng = random.Random(seed)
+    clauses = regex.findall(r"[^，。！？；：\n]+[，。！？；：\n]*", "\n".join(docs))
+    chinese, size = [], 0
+    while size < num_bytes // 2:
+        a, b = rng.choice(clauses), rng.choice(clauses)
+        sentence = a[:rng.randint(1, max(1, len(a) - 1))] + b[rng.randint(0, len(b) - 1):]
+        chinese.append(sentence)
+        size += len(sentence.encode("utf-8"))
+    paragraphs = _docstrings(num_bytes // 2) + ["".join(chinese[i:i + 8])
+                                                for i in range(0, len(chinese), 8)]
+    rng.shuffle(paragraphs)
+    return "\n\n".join(paragraphs)
+
+
+def _best_time(fn, repeats, setup=lambda: None):
+    best = float("inf")
+    for _ in range(repeats):
+        setup()  # 准备工作（清空缓存）不计时
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def benchmark(ours, reference, text, label, repeats=3):
+    """单线程 encode_ordinary 计时（各取最快一次）；我们的编码器每次计时前都清空缓存。"""
+    ref_time, ref_ids = _best_time(lambda: reference.encode_ordinary(text), repeats)
+    cold_time, ids = _best_time(lambda: ours.encode_ordinary(text), repeats, ours.clear_cache)
+    warm_time, _ = _best_time(lambda: ours.encode_ordinary(text), 1)
+    print(f"  {label}：{len(text.encode('utf-8')) / 1e6:.2f} MB，tiktoken {ref_time:.3f}s；从零实现 "
+          f"{cold_time:.3f}s（缓存为空，{cold_time / ref_time:.1f} 倍）/ {warm_time:.3f}s"
+          f"（缓存已热，{warm_time / ref_time:.1f} 倍）；ids 一致：{ids == ref_ids}")
+    return cold_time / ref_time, ids == ref_ids
+
+
+# ===== 8. 项目分词器：在 data/ 的语料上训练并保存 =====
+def train_and_save(docs, vocab_size, out):
+    """文档之间插入 <|endoftext|>，训练、保存，并报告压缩率（平均每个词元代表几个字节）。"""
+    text, start = ENDOFTEXT.join(docs), time.perf_counter()
+    tok = BPETokenizer(name=f"nfl-bpe-{vocab_size}").train(text, vocab_size, verbose=True)
+    elapsed, num_bytes = time.perf_counter() - start, len(text.encode("utf-8"))
+    tok.save(out, trained_on={"documents": len(docs), "bytes": num_bytes})
+    ids = tok.encode(text, allowed_special="all")
+    print(f"训练用时 {elapsed:.1f}s，词表 {tok.n_vocab}（{len(tok.ranks)} 个普通词元 + 结束符），"
+          f"语料 {num_bytes / 1e3:.0f} KB -> {len(ids)} 个词元，压缩率 {num_bytes / len(ids):.2f} 字节/词元")
+    print(f"已保存 {out}")
+
+
+# ===== 9. 给 GPT 喂数据：滑动窗口 =====
+class GPTDataset(Dataset):
+    """把一长串词元切成许多 (输入, 目标) 对：目标就是输入整体右移一位——
+    模型在每个位置都练习"根据前面的词元预测下一个"。窗口起点 0, stride, 2·stride, …"""
+
+    def __init__(self, txt_or_ids, tokenizer, max_length, stride):
+        if max_length < 1 or stride < 1:
+            raise UserError(f"max_length 和 stride 必须是正整数（现在是 {max_length}、{stride}）")
+        if isinstance(txt_or_ids, str):
+            txt_or_ids = tokenizer.encode(txt_or_ids, allowed_special={ENDOFTEXT})
+        self.ids = torch.as_tensor(txt_or_ids, dtype=torch.long)
+        if len(self.ids) < max_length + 1:
+            raise UserError(f"文本只有 {len(self.ids)} 个词元，不够一个长度 {max_length} 的窗口（还要多 1 个当目标）")
+        self.max_length, self.stride = max_length, stride
+
+    def __len__(self):
+        # 最后一个窗口的起点 s 必须满足 s + max_length + 1 <= 总长度
+        return (len(self.ids) - self.max_length - 1) // self.stride + 1
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.stride  # 按需切片，不预先复制出所有窗口，省内存
+        chunk = self.ids[start:start + self.max_length + 1]
+        return chunk[:-1], chunk[1:]
+
+
+def create_dataloader(txt_or_ids, tokenizer=None, batch_size=4, max_length=256, stride=128,
+                      shuffle=True, drop_last=True, num_workers=0, seed=None):
+    """tokenizer 缺省时用项目分词器；stride < max_length 时窗口互相重叠。"""
+    if tokenizer is None and isinstance(txt_or_ids, str):
+        tokenizer = load_project_tokenizer()
+    dataset = GPTDataset(txt_or_ids, tokenizer, max_length, stride)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator)
+
+
+# ===== 10. 演示 =====
+def demo_simple_tokenizer(text):
+    tok = SimpleTokenizer.from_text(text)
+    sample = "Hello, 你好！我爱吃𰻞𰻞面。"
+    ids = tok.encode(sample)
+    unknown = [w for w in SIMPLE_PAT.findall(sample) if w not in tok.str_to_int]
+    print(f"\n[简单分词] 词表 {len(tok.str_to_int)} 个词；{sample!r} -> {ids}")
+    print(f"  解码：{tok.decode(ids)!r}。生词 {unknown} 都成了 {UNK}，空白也丢了，信息一去不回")
+
+
+def demo_bpe_training(docs, quick):
+    toy = BPETokenizer().train("aaabdaaabac", 256 + 5 + 1)
+    steps = [f"{toy.token_str(a)}+{toy.token_str(b)}" for (a, b), _ in toy.merges]
+    print(f"\n[玩具 BPE] 'aaabdaaabac' 依次合并：{steps}；编码结果 {toy.encode('aaabdaaabac')}")
+    text = ENDOFTEXT.join(docs[:5] if quick else docs)
+    vocab_size = 512 if quick else 1024
+    start = time.perf_counter()
+    tok = BPETokenizer().train(text, vocab_size)
+    learned = [tok.token_str(new) for _, new in tok.merges]
+    words = [w for w in learned if len(w) > 1 and regex.fullmatch(r"\p{Han}+", w)]
+    print(f"[BPE 训练] {len(text.encode('utf-8')) / 1e3:.0f} KB 语料，词表 {vocab_size}，"
+          f"用时 {time.perf_counter() - start:.2f}s")
+    print(f"  最早的合并（半个汉字的字节先凑成整字）：{learned[:8]}\n  最早学到的多字词元：{words[:12]}")
+
+
+def get_project_tokenizer(path, docs, quick):
+    if Path(path).is_file():
+        return BPETokenizer.load(path)
+    vocab_size = 512 if quick else DEFAULT_VOCAB_SIZE
+    print(f"\n（没有找到 {path}，临时训练一个词表 {vocab_size} 的分词器；用 --train 保存）")
+    return BPETokenizer(name=f"nfl-bpe-{vocab_size}").train(ENDOFTEXT.join(docs), vocab_size)
+
+
+def demo_project_tokenizer(tok, text):
+    ids = tok.encode(text, allowed_special="all")
+    same = ids == tok.to_tiktoken().encode(text, allowed_special="all")
+    num_bytes = len(text.encode("utf-8"))
+    print(f"\n[项目分词器] {tok.name}：语料 {num_bytes / 1e3:.0f} KB -> {len(ids)} 个词元，"
+          f"{num_bytes / len(ids):.2f} 字节/词元；与 tiktoken 逐 id 一致：{same}")
+    for sample in ("神经网络通过梯度下降学习参数。", "12345+678=13023", "Hello world!"):
+        print(f"  {sample!r}：预分词 {tok._pattern.findall(sample)} -> "
+              f"词元 {[tok.token_str(i) for i in tok.encode(sample)]}")
+
+
+def demo_speed(project, docs, args):
+    text = make_benchmark_text(docs, 100_000 if args.quick else 1_000_000, args.seed)
+    print("\n[速度] 同一段没见过的中英混合文本，从零实现 vs tiktoken（Rust）：")
+    benchmark(project, project.to_tiktoken(), text, "项目分词器")
+    try:
+        gpt2 = get_gpt2_tokenizer()
+    except UserError as err:
+        print(f"  跳过 GPT-2 对比：{err}")
+        return
+    benchmark(BPETokenizer.from_tiktoken(gpt2), gpt2, text, "GPT-2 词表")
+
+
+def demo_data_and_embeddings(tok, text, args):
+    max_length, batch_size, emb_dim = (8, 2, 16) if args.quick else (16, 4, 32)
+    loader = create_dataloader(text, tok, batch_size, max_length, stride=max_length, seed=args.seed)
+    inputs, targets = next(iter(loader))
+    print(f"\n[滑动窗口] 窗口 {max_length}、步长 {max_length}：{len(loader.dataset)} 个样本，"
+          f"一批输入 {tuple(inputs.shape)}\n  输入：{tok.decode(inputs[0].tolist())!r}"
+          f"\n  目标：{tok.decode(targets[0].tolist())!r}（右移一位）")
+    torch.manual_seed(args.seed)
+    tok_emb = nn.Embedding(tok.n_vocab, emb_dim)  # 每个词元 id 对应一行可学习的向量
+    pos_emb = nn.Embedding(max_length, emb_dim)   # 每个位置也有一行：注意力本身不知道词的先后
+    x = tok_emb(inputs) + pos_emb(torch.arange(max_length))  # (batch, max_length, emb_dim)
+    print(f"[嵌入] 词元嵌入 {tuple(tok_emb(inputs).shape)} + 位置嵌入 "
+          f"{tuple(pos_emb.weight.shape)}（按位置广播）= {tuple(x.shape)}")
+    # 查表就是 one-hot 乘权重矩阵：one-hot 只有一个 1，相乘恰好取出那一行；查表省掉了大量乘零
+    one_hot = F.one_hot(inputs, tok.n_vocab).float()  # (batch, max_length, vocab)
+    same = torch.equal(one_hot @ tok_emb.weight, tok_emb(inputs))
+    print(f"  one-hot {tuple(one_hot.shape)} @ 权重 {tuple(tok_emb.weight.shape)} 与查表完全相等：{same}")
+
+
+# ===== 11. 主程序 =====
+def build_parser():
+    parser = argparse.ArgumentParser(description="01：文本 -> 词元 -> 向量；从零实现并训练字节级 BPE")
+    parser.add_argument("--quick", action="store_true", help="冒烟模式：小规模演示，几秒跑完")
+    parser.add_argument("--train", action="store_true",
+                        help="只做一件事：在语料上重新训练项目分词器并写入 --out")
+    parser.add_argument("--corpus", default=str(DATA_DIR / "corpus"),
+                        help="语料：一个 .txt 文件，或递归读取其中 .txt 的目录（默认 data/corpus）")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help=f"--train 的词表大小，含结束符（默认 {DEFAULT_VOCAB_SIZE}，建议取 64 的倍数）")
+    parser.add_argument("--out", default=str(DATA_DIR / "tokenizer.json"),
+                        help="项目分词器文件：--train 写入它，演示读取它（默认 data/tokenizer.json）")
+    parser.add_argument("--seed", type=int, default=123, help="随机种子：测速文本、数据打乱、嵌入初始化")
+    return parser
+
+
+def run(args):
+    docs = read_corpus(args.corpus)
+    if args.train:
+        train_and_save(docs, args.vocab_size, args.out)
+        return
+    text = ENDOFTEXT.join(docs)
+    demo_simple_tokenizer(text)
+    demo_bpe_training(docs, args.quick)
+    project = get_project_tokenizer(args.out, docs, args.quick)
+    demo_project_tokenizer(project, text)
+    demo_speed(project, docs, args)
+    demo_data_and_embeddings(project, text, args)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"错误：{err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
