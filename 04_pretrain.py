@@ -1,0 +1,1323 @@
+"""04_pretrain.py — 在无标注文本上预训练 GPT（本课程的主线任务）
+
+本章你会学到：
+- 语料 → token 缓存（np.memmap）：任意大的语料只切一次词，训练时按需取批次，不占内存
+- 语言模型的训练目标：错开一位的交叉熵，以及困惑度（perplexity）
+- AdamW（只对矩阵做权重衰减）、学习率预热 + 余弦退火、梯度裁剪、梯度累积
+- 让训练变快的开关：SDPA、融合内核、词表对齐到 64 的倍数、融合 AdamW、bf16、torch.compile
+- 可断点续训的检查点、Ctrl-C 安全退出、超参数搜索（--sweep）、交互式生成（--interactive）
+运行：python 04_pretrain.py            # 默认：2 核 CPU 约 5 分钟
+      python 04_pretrain.py --quick    # 冒烟：半分钟内
+"""
+import argparse
+import base64
+import contextlib
+import csv
+import hashlib
+import http.client
+import importlib.util
+import json
+import math
+import mmap
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ===== 0. 前几章的部件（逐字复制）=====
+# 来自 01_tokenizer.py：错误类型与分词器
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class UserError(Exception):
+    """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
+
+
+# GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def get_gpt2_tokenizer():
+    """GPT-2 分词器（tiktoken）。离线时依次尝试：环境变量 NFL_GPT2_VOCAB 指向的 ranks 文件、
+    models/gpt2.tiktoken、已安装的 openai-whisper 包自带的 assets/gpt2.tiktoken（不 import 它）。"""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # 没有网络、也没有 tiktoken 缓存
+        pass
+    candidates = []
+    if os.environ.get("NFL_GPT2_VOCAB"):
+        candidates.append(Path(os.environ["NFL_GPT2_VOCAB"]))
+    candidates.append(Path(__file__).resolve().parent / "models" / "gpt2.tiktoken")
+    spec = importlib.util.find_spec("whisper")  # 只查找包的位置，不执行它的代码
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidates.append(Path(folder) / "assets" / "gpt2.tiktoken")
+    for path in candidates:
+        if path.is_file():
+            # .tiktoken 格式：每行"base64(字节串) 排名"
+            lines = path.read_text(encoding="ascii").split("\n")
+            ranks = {base64.b64decode(tok): int(rank)
+                     for tok, rank in (line.split() for line in lines if line)}
+            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": 50256})
+    raise UserError(
+        "找不到 GPT-2 词表：tiktoken 无法联网下载。请任选其一：联网运行一次；"
+        "或 pip install --no-deps openai-whisper（自带 gpt2.tiktoken）；"
+        "或把 gpt2.tiktoken 放到 models/ 下，或用环境变量 NFL_GPT2_VOCAB 指向它。")
+
+
+def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
+    """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
+        return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
+                                 mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"分词器文件 {path} 已损坏或格式不对：{err}") from None
+
+
+# 来自 03_gpt.py：GPT 模型与生成（LayerNorm、GELU 是换成融合内核的变体）
+class LayerNorm(nn.Module):
+    """层归一化：把每个词向量的各维减均值、除标准差，再学一个缩放 scale 和平移 shift。"""
+
+    def __init__(self, emb_dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps  # 防止方差为 0 时除以 0
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        # 与 03 的手写公式完全相同，只是交给 F.layer_norm 一个融合内核完成（训练快约三成）
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU 的 tanh 近似（GPT-2 训练时用的就是它）：x·Φ(x) 的一个便宜的光滑近似。"""
+
+    def forward(self, x):
+        # 03 里手写的 tanh 近似公式，这里交给一个融合内核（数值一致，省去一串逐元素运算）
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """逐位置的两层 MLP：先升到 4 倍宽度给模型"思考空间"，再投影回 emb_dim。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """因果多头注意力（02_attention.py 的高效版，另加 SDPA 快速路径）。
+    use_sdpa=True 时调用 F.scaled_dot_product_attention：数学相同，但融合成一个内核，更快更省内存。"""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
+                 use_sdpa=True):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out 必须能被 num_heads 整除"
+        self.d_out, self.num_heads = d_out, num_heads
+        self.head_dim = d_out // num_heads
+        self.use_sdpa = use_sdpa
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)  # 把各头的结果再混合一次
+        self.dropout = nn.Dropout(dropout)
+        # 掩码是 buffer：随 .to(device) 移动；persistent=False 让它不进 state_dict
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        b, num_tokens, _ = x.shape
+        # (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
+        q, k, v = (w(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        if self.use_sdpa:
+            p = self.dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+            context = self.dropout(torch.softmax(scores, dim=-1)) @ v
+        # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN Transformer 块：x + 注意力(LN(x))，再 x + 前馈(LN(x))。捷径连接让梯度直达底层。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
+            dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
+            use_sdpa=cfg.get("use_sdpa", True))
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT：词嵌入 + 位置嵌入 → n_layers 个 Transformer 块 → 最终 LayerNorm → 输出头（每个词表项一个分数）。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.apply(self._init_weights)
+        # 每个块有两条残差支路往 x 上累加；按 1/√(2·n_layers) 缩小它们的输出投影，
+        # 否则层数越多，残差流的方差越大（GPT-2 论文的做法）
+        for name, param in self.named_parameters():
+            if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @staticmethod
+    def _init_weights(module):
+        # GPT-2 的初始化：权重 N(0, 0.02)，偏置 0；比 PyTorch 默认初始化训练得更稳
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, in_idx):
+        _, seq_len = in_idx.shape
+        positions = torch.arange(seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # (b, seq_len, emb_dim)
+        x = self.final_norm(self.trf_blocks(x))
+        return self.out_head(x)  # (b, seq_len, vocab_size) 的 logits
+
+
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
+             eos_id=None):
+    """自回归生成：每步只看最后 context_size 个词，取最后一个位置的 logits 选出下一个词。
+    temperature=0 为贪心；top_k 只在前 k 个候选里抽；top_p 只在累计概率达到 p 的最小集合里抽。"""
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context_size:])[:, -1, :].float()  # (b, vocab_size)
+        if temperature <= 0.0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p is not None:
+                sorted_logits, order = torch.sort(logits, descending=True)
+                cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+                # 去掉"前面的累计概率已经 ≥ top_p"的词，但至少保留概率最大的那个
+                drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+                logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+        if eos_id is not None and bool((next_id == eos_id).all()):
+            break  # 所有序列都生成了结束符：停止
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+# 来自 03_gpt.py：设备与计时工具
+def resolve_device(name):
+    """auto 按 cuda > mps > cpu 选；显式要求的设备不可用时给出中文错误。"""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("要求使用 CUDA，但本机 torch 看不到可用的 NVIDIA GPU；请改用 --device cpu")
+    if name == "mps" and not has_mps:
+        raise UserError("要求使用 MPS，但本机不支持 Apple GPU（MPS）；请改用 --device cpu")
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type != "cpu":  # GPU 的运算是异步排队的：计时前后都要等它真正算完
+        getattr(torch, device.type).synchronize()
+
+
+def time_matmul(device, dtype, n, reps):
+    """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def measure_matmul_peak(device, dtype, seconds=0.05):
+    """本机矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
+    再挑单次约 seconds 秒的尺寸细测：太小的矩阵测不出峰值，太大的又太费时
+    （没有 bf16 硬件的 CPU 上，bf16 矩阵乘会慢几十倍）。"""
+    n = 256
+    for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
+        rate = time_matmul(device, dtype, n, reps=3)
+        n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
+    return time_matmul(device, dtype, n, reps=5), n
+
+
+def build_on_meta(cfg):
+    """在 meta 设备上建模型：张量只有形状、没有数据，数 15 亿个参数也不占内存、不花时间。"""
+    with torch.device("meta"):
+        return GPTModel(cfg)
+
+
+# 来自 03_gpt.py：下载并载入 Hugging Face 上的 GPT-2 权重
+HF_REPOS = {name: f"openai-community/{name}"
+            for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+# —— 从 Hugging Face 下载文件（只用标准库 urllib） ——
+
+
+def _total_size(headers, have):
+    """文件总字节数：206 响应看 Content-Range（"bytes 100-999/1000" 斜杠后面），
+    200 响应看 Content-Length；都没有就是未知（None）。"""
+    tail = (headers.get("Content-Range") or "").rsplit("/", 1)[-1]
+    if tail.isdigit():
+        return int(tail)
+    length = headers.get("Content-Length")
+    return have + int(length) if length and length.isdigit() else None
+
+
+def _copy_with_progress(response, out, done, total, name):
+    shown = None
+    while chunk := response.read(1 << 20):
+        out.write(chunk)
+        done += len(chunk)
+        text = f"{100 * done // total}% / {total / 2**20:.0f} MB" if total else f"{done >> 20} MB"
+        if text != shown:  # 变了才刷新，免得刷屏
+            print(f"\r  下载 {name}：{text}", end="", flush=True)
+            shown = text
+    print()
+
+
+def _fetch_into(url, part):
+    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。"""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url)
+    if os.environ.get("HF_TOKEN"):  # 受限（gated）模型需要访问令牌
+        request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not have:
+            raise
+        part.unlink()  # 416：.part 不比服务器上的文件短，说明它不可信，删掉从头下载
+        return _fetch_into(url, part)
+    # 206 = 服务器接受了 Range，接着写；200 = 服务器从头发送，那就从头写
+    resumed = response.status == 206
+    part.parent.mkdir(parents=True, exist_ok=True)  # 连上了才建目录：断网时什么都不留下
+    with response, open(part, "ab" if resumed else "wb") as out:
+        total = _total_size(response.headers, have if resumed else 0)
+        _copy_with_progress(response, out, have if resumed else 0, total, part.stem)
+    return total
+
+
+def download_hf_file(repo_id, filename, dest_dir):
+    """下载 HF 仓库里的一个文件到 dest_dir，返回本地路径；已经下载过就直接用。
+    数据先写进 filename.part，大小核对无误才改成正式文件名——所以正式文件永远是完整的。"""
+    dest = Path(dest_dir) / filename
+    if dest.is_file():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    # HF_ENDPOINT 可换成镜像，例如国内常用的 https://hf-mirror.com；路径格式与官方相同
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
+    try:
+        total = _fetch_into(url, part)
+    except urllib.error.HTTPError as err:
+        hint = "需要访问令牌：请设置环境变量 HF_TOKEN" if err.code in (401, 403) else "请检查模型名"
+        raise UserError(f"下载 {url} 失败：HTTP {err.code}，{hint}") from None
+    except (OSError, http.client.HTTPException) as err:  # 断网、超时、连接被拒、中途断开……
+        raise UserError(
+            f"无法下载 {url}（{err}）。网络不通时可以：设置镜像，如 "
+            "export HF_ENDPOINT=https://hf-mirror.com 后重试（已下载的部分会续传）；或在别处下载好 "
+            "config.json 和 model.safetensors 放进一个目录，再用 --init 该目录。") from None
+    if total is not None and part.stat().st_size != total:
+        raise UserError(f"{filename} 只下载了 {part.stat().st_size}/{total} 字节，"
+                        "连接中途断开；重新运行会从断点续传")
+    os.replace(part, dest)  # 原子改名：要么没有正式文件，要么它是完整的
+    return dest
+
+
+# —— 自己读 safetensors：8 字节头长度 + JSON 头 + 原始数据 ——
+# safetensors 只存数据、不存代码，比 pickle 格式的 .bin 安全；格式简单到几十行就能读懂。
+# JSON 头形如 {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, N]}, …}，
+# data_offsets 是相对数据区开头（即 8 + 头长度 处）的字节范围 [起, 止)。
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # 正常的头只有几十 KB；大得离谱说明文件坏了
+
+
+def _bad(path, reason):
+    return UserError(f"{path} 不是有效的 safetensors 文件：{reason}")
+
+
+def _is_uint_list(value, length=None):
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _check_entries(header, data_size, path):
+    """逐个校验头里描述的张量，返回按起点排序的 [(起, 止, 名字, dtype, 形状)]。"""
+    if not isinstance(header, dict):
+        raise _bad(path, "头部不是 JSON 对象")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":  # 自由填写的附加信息，不是张量
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None:
+            raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not _is_uint_list(shape) or not _is_uint_list(offsets, 2) or offsets[0] > offsets[1]:
+            raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
+        if offsets[1] > data_size:
+            raise _bad(path, f"张量 {name} 的数据超出了文件末尾（{offsets[1]} > {data_size}）")
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            raise _bad(path, f"张量 {name} 的字节数与形状 {shape} × {info['dtype']} 对不上")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    entries.sort(key=lambda e: e[:2])
+    for prev, cur in zip(entries, entries[1:]):
+        if cur[0] < prev[1]:
+            raise _bad(path, f"张量 {prev[2]} 和 {cur[2]} 的数据区重叠")
+    return entries
+
+
+def read_safetensors(path):
+    """读取 .safetensors，返回 {名字: torch.Tensor}。数据不复制：张量是内存映射文件上的视图，
+    操作系统只在真正用到时才把那几页读进内存，所以加载几 GB 的模型也只占约一份权重的内存。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到权重文件 {path}")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")  # 8 字节小端无符号整数
+        if len(prefix) < 8 or not 0 < header_len <= min(MAX_HEADER_BYTES, file_size - 8):
+            raise _bad(path, f"头长度 {header_len} 不合理（文件共 {file_size} 字节）")
+        try:
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        except ValueError as err:
+            raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
+        data_start = 8 + header_len
+        entries = _check_entries(header, file_size - data_start, path)
+        # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
+        # 不必手动关闭映射：每个张量都引用着它，最后一个张量被回收时自动解除。
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if file_size > data_start else None
+    tensors = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
+                                             offset=data_start + begin).reshape(shape)
+    return tensors
+
+
+# —— 把 GPT-2 的参数名对应到我们的模型 ——
+# HF 的 GPT-2 与我们的 GPTModel 是同一个网络，只是名字和存法不同：
+#   wte/wpe → tok_emb/pos_emb；h.N → trf_blocks.N；ln_1/ln_2/ln_f 的 weight/bias → scale/shift；
+#   HF 用的 Conv1D 把权重存成 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
+#   c_attn 把 Q、K、V 三个投影拼成一个，要切成三份；输出头与 wte 共享同一个矩阵。
+
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # 都是 tanh 近似的 GELU
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"找不到 {path}") from None
+    except ValueError as err:
+        raise UserError(f"{path} 不是合法的 JSON：{err}") from None
+
+
+def gpt2_config_from_hf(conf, folder):
+    """HF 的 config.json → (我们的 cfg, LayerNorm 的 eps)。不支持的变体直接报错，而不是悄悄算错。"""
+    try:
+        cfg = {"vocab_size": conf["vocab_size"], "context_length": conf["n_positions"],
+               "emb_dim": conf["n_embd"], "n_heads": conf["n_head"], "n_layers": conf["n_layer"],
+               "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
+    if (conf.get("model_type", "gpt2") != "gpt2"
+            or conf.get("activation_function", "gelu_new") not in TANH_GELU_NAMES
+            or conf.get("n_inner") not in (None, 4 * cfg["emb_dim"])
+            or conf.get("scale_attn_by_inverse_layer_idx")
+            or not conf.get("scale_attn_weights", True)):
+        raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
+    return cfg, conf.get("layer_norm_epsilon", 1e-5)
+
+
+def read_weight_folder(folder):
+    """读目录里的全部权重：大模型常被切成多个分片，由 model.safetensors.index.json 列出。"""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} 里没有 *.safetensors 权重文件")
+    weights = {}
+    for name in files:
+        weights.update(read_safetensors(folder / name))
+    return weights
+
+
+def map_block(take, src, dst):
+    """一个 Transformer 块：HF 的 h.N.* → 我们的 trf_blocks.N.*。切片和 .t() 都只是视图，不复制。"""
+    state = {}
+    # c_attn 权重 (emb, 3·emb)：输出维上依次是 Q、K、V；切三份再各自转置成 (emb, emb)
+    weights = take(f"{src}attn.c_attn.weight").chunk(3, dim=1)
+    biases = take(f"{src}attn.c_attn.bias").chunk(3)
+    for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
+        state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
+    for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                          ("mlp.c_proj", "ff.layers.2")):
+        state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
+        state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
+    for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+        state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
+        state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
+    return state
+
+
+def map_hf_to_ours(hf, n_layers, folder):
+    # save_pretrained 写出的键带 "transformer." 前缀，官方文件不带：统一去掉。
+    # 官方文件里的 h.N.attn.bias / masked_bias 是因果掩码，我们自己会建，所以根本不取。
+    hf = {key.removeprefix("transformer."): value for key, value in hf.items()}
+
+    def take(key):
+        if key not in hf:
+            raise UserError(f"{folder} 的权重里缺少 {key}")
+        return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
+
+    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
+             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
+    for i in range(n_layers):
+        state.update(map_block(take, f"h.{i}.", f"trf_blocks.{i}."))
+    # 官方 GPT-2 的输出头就是 wte（权重共享），文件里没有 lm_head.weight；有的话就用它
+    has_head = "lm_head.weight" in hf
+    state["out_head.weight"] = take("lm_head.weight") if has_head else state["tok_emb.weight"]
+    return state
+
+
+def resolve_gpt2_dir(name_or_dir):
+    if name_or_dir in HF_REPOS:
+        folder = MODELS_DIR / name_or_dir
+        for filename in ("config.json", "model.safetensors"):
+            download_hf_file(HF_REPOS[name_or_dir], filename, folder)
+        return folder
+    if Path(name_or_dir).is_dir():
+        return Path(name_or_dir)
+    raise UserError(f"未知模型 {name_or_dir!r}：可选 random、{'、'.join(HF_REPOS)}，"
+                    "或一个含 config.json 和 *.safetensors 的本地目录")
+
+
+def load_gpt2_hf(name_or_dir):
+    """加载 GPT-2：名字（gpt2、gpt2-medium、gpt2-large、gpt2-xl，自动下载并缓存到 models/）
+    或本地目录（config.json + *.safetensors）。返回 (eval 模式的 GPTModel, cfg)。"""
+    folder = resolve_gpt2_dir(name_or_dir)
+    cfg, eps = gpt2_config_from_hf(read_json(folder / "config.json"), folder)
+    # 这一步只建立内存映射和视图，一个字节的权重都还没有真正读进内存
+    state = map_hf_to_ours(read_weight_folder(folder), cfg["n_layers"], folder)
+    model = build_on_meta(cfg)  # 只有形状：不分配内存，也省掉随机初始化的时间
+    try:
+        # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
+        # 所以整个加载过程只有一份权重
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as err:
+        raise UserError(f"{folder} 的权重与 config.json 对不上：{err}") from None
+    if state["out_head.weight"] is state["tok_emb.weight"]:
+        model.out_head.weight = model.tok_emb.weight  # 真正共享同一个参数，而不是两个参数对象
+    # 因果掩码是 persistent=False 的 buffer，不在 state_dict 里，所以还留在 meta 上：
+    # 在 CPU 上重建一份，各层共用（它只读不写）
+    length = cfg["context_length"]
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.mask = mask
+        elif isinstance(module, LayerNorm):
+            module.eps = eps
+    return model.eval(), cfg
+
+
+# ===== 1. 语料 → token 缓存 =====
+# 训练时要反复随机取"一段连续的 token"。先把整个语料切词一次，写成磁盘上的 uint16/uint32 数组，
+# 再用 np.memmap 映射进来：取一个批次只读几 KB，几 GB 的语料也不会整个进内存；下次运行直接复用。
+
+CACHE_DIR = Path(__file__).resolve().parent / "cache"
+VAL_EVERY = 10  # 每 10 个文本块留 1 块做验证集：验证集与训练集不重叠，但来自同样的分布
+
+
+def find_text_files(path):
+    """--data 可以是一个文本文件，也可以是目录（递归查找 .txt，按路径排序保证可复现）。"""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"找不到语料路径 {path}")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise UserError(f"目录 {path} 里没有任何 .txt 文件")
+    return files
+
+
+def corpus_key(files, tokenizer_name):
+    """缓存的钥匙 = 语料内容 + 分词器：任何一个变了，就重新切词。"""
+    digest = hashlib.sha256(tokenizer_name.encode())
+    for file in files:
+        with open(file, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def iter_documents(files, chunk_chars=1 << 20):
+    """逐个文档、每次约 1M 字符地读文本，在换行处切块：再大的文件也不会一次读进内存。
+    产出 (是否文档开头, 文本块)。"""
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as fh:
+                first, carry = True, ""
+                while block := fh.read(chunk_chars):
+                    block = carry + block
+                    cut = block.rfind("\n") + 1 or len(block)
+                    carry = block[cut:]
+                    yield first, block[:cut]
+                    first = False
+                if carry or first:
+                    yield first, carry
+        except UnicodeDecodeError as err:
+            raise UserError(f"{file} 不是 UTF-8 文本（第 {err.start} 字节附近无法解码）") from None
+
+
+def build_token_cache(files, enc, folder):
+    """把语料切词写进 folder/train.bin 与 folder/val.bin；每个文档前放一个 <|endoftext|>，
+    让模型知道"这里换了一篇文章"。先写临时文件，成功后才改名：中途被杀也不会留下半个缓存。"""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
+    counts = {"train": 0, "val": 0}
+    outs = {split: open(folder / f"{split}.bin.tmp", "wb") for split in counts}
+    batch, batch_chars = [], 0
+
+    def flush():
+        # encode_ordinary_batch 用多线程切词（tiktoken 的 Rust 内核），大语料快得多
+        all_ids = enc.encode_ordinary_batch([text for _, _, text in batch])
+        for (start, split, _), ids in zip(batch, all_ids):
+            arr = np.array(([enc.eot_token] if start else []) + ids, dtype=dtype)
+            arr.tofile(outs[split])
+            counts[split] += len(arr)
+        batch.clear()
+
+    with contextlib.ExitStack() as stack:
+        for fh in outs.values():
+            stack.enter_context(fh)
+        for n_chunks, (start, text) in enumerate(iter_documents(files)):
+            split = "val" if n_chunks % VAL_EVERY == VAL_EVERY - 1 else "train"
+            batch.append((start, split, text))
+            batch_chars += len(text)
+            if batch_chars > 8 << 20:
+                flush()
+                batch_chars = 0
+        flush()
+    for split in counts:
+        os.replace(folder / f"{split}.bin.tmp", folder / f"{split}.bin")
+    meta = {"dtype": np.dtype(dtype).name, **counts, "files": len(files)}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return meta
+
+
+def load_corpus(data_path, enc, tokenizer_name, context_length):
+    """返回 (train_tokens, val_tokens) 两个 np.memmap；缓存不存在时先建。"""
+    files = find_text_files(data_path)
+    folder = CACHE_DIR / f"tokens-{corpus_key(files, tokenizer_name)}"
+    if (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        print(f"复用 token 缓存 {folder}（{meta['train'] + meta['val']:,} 个 token）")
+    else:
+        t0 = time.perf_counter()
+        meta = build_token_cache(files, enc, folder)
+        n_chars = sum(f.stat().st_size for f in files)
+        print(f"切词：{len(files)} 个文件、{n_chars:,} 字节 → {meta['train'] + meta['val']:,} 个 token，"
+              f"用时 {time.perf_counter() - t0:.1f} 秒，缓存于 {folder}")
+    if meta["train"] + meta["val"] <= len(files):
+        raise UserError(f"语料 {data_path} 是空的（没有任何文字）")
+    train, val = (np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
+                  if meta[split] else np.zeros(0, dtype=meta["dtype"]) for split in ("train", "val"))
+    if len(val) < context_length + 1:
+        # 语料太小、凑不出验证块时：退而取训练 token 的最后 10% 做验证
+        cut = int(len(train) * 0.9)
+        train, val = train[:cut], train[cut:]
+    if min(len(train), len(val)) < context_length + 1:
+        raise UserError(f"语料太短：只有 {meta['train'] + meta['val']} 个 token，"
+                        f"不够切出一个长度为 {context_length} 的上下文窗口（可用 --context-length 调小）")
+    return train, val
+
+
+def get_batch(tokens, batch_size, context_length, generator, device):
+    """随机取 batch_size 个起点，各截 context_length+1 个 token：前 n 个是输入，后 n 个是目标。"""
+    starts = torch.randint(len(tokens) - context_length, (batch_size,), generator=generator)
+    windows = np.stack([tokens[s:s + context_length + 1] for s in starts.tolist()])
+    windows = torch.from_numpy(windows.astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.type == "cuda":
+        # 锁页内存 + non_blocking：拷贝到显卡与计算重叠进行
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ===== 2. 模型尺寸与分词器 =====
+# mini 是默认：2 核 CPU 上约 5 分钟能看到它从乱码学到像样的句子；tiny 只用于 --quick 冒烟。
+MODEL_SIZES = {
+    "tiny": dict(emb_dim=64, n_layers=2, n_heads=2, context_length=64),
+    "mini": dict(emb_dim=256, n_layers=4, n_heads=4, context_length=128),
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12, context_length=1024),
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16, context_length=1024),
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20, context_length=1024),
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25, context_length=1024),
+}
+
+
+def tokenizer_record(enc, kind):
+    """检查点里记下分词器本身（项目分词器连同 ranks 一起存），载入时用同一个。"""
+    if kind == "gpt2":
+        return {"kind": "gpt2", "name": enc.name}
+    ranks = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
+    return {"kind": "project", "name": enc.name, "pat_str": enc._pat_str,
+            "special_tokens": enc._special_tokens,
+            "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks]}
+
+
+def tokenizer_from_record(record):
+    if record["kind"] == "gpt2":
+        return get_gpt2_tokenizer()
+    ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(record["mergeable_ranks"])}
+    return tiktoken.Encoding(name=record["name"], pat_str=record["pat_str"],
+                             mergeable_ranks=ranks, special_tokens=record["special_tokens"])
+
+
+def model_config(args, vocab_size):
+    """从 --model 出发，再用 --n-layers 等单项覆盖；词表按需补齐到 64 的倍数。"""
+    cfg = dict(MODEL_SIZES[args.model], vocab_size=vocab_size, drop_rate=args.drop_rate,
+               qkv_bias=False, use_sdpa=not args.no_sdpa)
+    for key in ("emb_dim", "n_layers", "n_heads", "context_length"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise UserError(f"--emb-dim {cfg['emb_dim']} 必须能被 --n-heads {cfg['n_heads']} 整除")
+    # 矩阵维度是 64 的倍数时，矩阵乘法内核能整块处理；多出来的几行词表永远不会被当作目标
+    if not args.no_pad_vocab:
+        cfg["vocab_size"] = math.ceil(vocab_size / 64) * 64
+    return cfg
+
+
+def pad_vocab(model, multiple=64):
+    """给载入的 GPT-2（词表 50257）补到 50304：新增的行永远不是训练目标，也不会被采样。"""
+    old = model.tok_emb.weight.shape[0]
+    new = math.ceil(old / multiple) * multiple
+    if new == old:
+        return model
+    with torch.no_grad():
+        emb = torch.zeros(new, model.tok_emb.weight.shape[1], dtype=model.tok_emb.weight.dtype)
+        emb[:old] = model.tok_emb.weight
+        head = torch.zeros(new, model.out_head.weight.shape[1], dtype=emb.dtype)
+        head[:old] = model.out_head.weight
+    tied = model.out_head.weight is model.tok_emb.weight
+    model.tok_emb = nn.Embedding.from_pretrained(emb, freeze=False)
+    model.out_head.weight = model.tok_emb.weight if tied else nn.Parameter(head)
+    model.cfg["vocab_size"] = new
+    return model
+
+
+# ===== 3. 训练目标：交叉熵与困惑度 =====
+# 输入是 token[0..n-1]，目标是 token[1..n]：每个位置都在预测"下一个词"，一个窗口就有 n 个训练样本。
+# 交叉熵 = -log(模型给正确下一个词的概率) 的平均；困惑度 = exp(交叉熵)，
+# 可读作"模型平均在多少个候选词之间犹豫"：随机初始化时约等于词表大小，学得越好越小。
+
+def calc_loss_batch(model, x, y, autocast):
+    with autocast():
+        logits = model(x)
+    # logits 转成 fp32 再算 softmax：bf16 下直接算交叉熵会丢精度
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, splits, args, device, autocast):
+    """在训练集和验证集上各取 eval_iters 个批次求平均损失。固定随机种子取批次：
+    每次评估看的是同一批数据，曲线才可比；也不会扰动训练用的随机数。"""
+    model.eval()
+    result = {}
+    for name, tokens in splits.items():
+        gen = torch.Generator().manual_seed(1234)
+        losses = [calc_loss_batch(model, *get_batch(tokens, args.batch_size, args.context_length,
+                                                    gen, device), autocast).item()
+                  for _ in range(args.eval_iters)]
+        result[name] = sum(losses) / len(losses)
+    model.train()
+    return result
+
+
+def sample_text(model, enc, prompt, args, device, max_new_tokens=40):
+    """用固定提示词采样一段：每次评估都看同一个开头，读者能看到文字一点点变通顺。"""
+    model.eval()
+    ids = torch.tensor([enc.encode(prompt)], device=device)
+    # 补齐出来的词表行不能被采样，所以只看前 enc.n_vocab 个 logits
+    real_vocab = lambda idx: model(idx)[..., :enc.n_vocab]
+    with torch.random.fork_rng(devices=[]):  # 采样不消耗训练的随机数：续训才能逐位复现
+        torch.manual_seed(args.seed)
+        out = generate(real_vocab, ids, max_new_tokens, args.context_length,
+                       temperature=0.8, top_k=40, eos_id=enc.eot_token)
+    model.train()
+    return enc.decode(out[0, ids.shape[1]:].tolist()).replace("\n", " ")
+
+
+# ===== 4. 优化器与学习率 =====
+
+def make_optimizer(model, lr, weight_decay, impl):
+    """AdamW。权重衰减只作用于矩阵（线性层、嵌入）：偏置和 LayerNorm 参数数量少，
+    衰减它们只会限制模型平移/缩放的自由，不起正则作用。"""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # fused：一个内核更新所有参数；foreach：按张量列表批量更新；loop：逐个参数更新（最慢）
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
+             "loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **flags)
+
+
+def lr_at(step, max_lr, warmup_steps, total_steps, min_lr):
+    """线性预热到 max_lr，再余弦退火到 min_lr。预热：刚初始化时梯度方向很乱，大步长容易把模型带偏；
+    余弦退火：后期步子变小，让损失在谷底稳定下来。step 从 1 开始计。"""
+    if step <= warmup_steps:
+        return max_lr * step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ===== 5. 设备、精度与算力利用率 =====
+
+def time_train_step(model, x, y, autocast, repeats=2):
+    """对真实模型做几次前向 + 反向计时（不更新参数），用于 --dtype auto 的决定。"""
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(x.device)
+        t0 = time.perf_counter()
+        calc_loss_batch(model, x, y, autocast).backward()
+        sync(x.device)
+        best = min(best, time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return best
+
+
+def choose_dtype(requested, model, x, y, device):
+    """bf16 自动混合精度：矩阵乘法用 bf16（快、省内存），对精度敏感的运算仍是 fp32。
+    auto：CUDA 上看显卡是否支持 bf16；CPU 上只有实测更快才用——没有原生 bf16 指令的 CPU 反而慢得多。"""
+    if requested != "auto" or device.type == "mps":
+        return "fp32" if device.type == "mps" else requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    # 先用小矩阵粗测：bf16 连 fp32 的一半都不到，就不必再用整个模型测了
+    fp32_peak = time_matmul(device, torch.float32, 256, reps=3)
+    bf16_peak = time_matmul(device, torch.bfloat16, 256, reps=3)
+    if bf16_peak < 0.5 * fp32_peak:
+        print(f"精度：CPU 上 bf16 矩阵乘法 {bf16_peak / 1e9:.1f} GFLOP/s，"
+              f"fp32 {fp32_peak / 1e9:.1f} GFLOP/s（无原生 bf16）→ 用 fp32")
+        return "fp32"
+    t32 = time_train_step(model, x, y, make_autocast(device, "fp32"))
+    t16 = time_train_step(model, x, y, make_autocast(device, "bf16"))
+    choice = "bf16" if t16 < t32 else "fp32"
+    print(f"精度：实测一步前向+反向 fp32 {t32 * 1000:.0f} ms，bf16 {t16 * 1000:.0f} ms → 用 {choice}")
+    return choice
+
+
+def make_autocast(device, dtype):
+    if dtype == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def flops_per_token(model, context_length):
+    """训练每个 token 的浮点运算数 ≈ 6·(参与矩阵乘法的参数量) + 12·层数·宽度·上下文长度。
+    前向每个参数一次乘加（2 次运算），反向约是前向的两倍，合计 6；第二项是注意力的 QKᵀ 与 加权求和。"""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    cfg = model.cfg
+    return 6 * matmul_params + 12 * cfg["n_layers"] * cfg["emb_dim"] * context_length
+
+
+# ===== 6. 检查点：原子写入、可逐位续训 =====
+
+def save_checkpoint(path, state):
+    """先写到同目录的临时文件，落盘后再 os.replace 成正式文件名：这一步是原子的，
+    进程在任何时刻被杀，磁盘上要么是旧的完整检查点，要么是新的完整检查点。"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        raise UserError(f"找不到检查点 {path}（先训练一次，或检查 --out-dir）")
+    try:
+        # weights_only=True：只反序列化张量和基本类型，不执行文件里的任意代码
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"检查点 {path} 已损坏或不是本脚本写出的文件（{first_line[:120]}）") from None
+
+
+def build_model_from_checkpoint(ckpt):
+    model = GPTModel(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(f"检查点与模型结构不匹配：{str(err).splitlines()[0]}") from None
+    return model
+
+
+def write_history(out_dir, history):
+    """损失历史写成 CSV：每步一行；评估步额外填上训练集/验证集的平均损失。"""
+    tmp = out_dir / "history.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "tokens_seen", "lr", "train_loss", "eval_train_loss",
+                         "eval_val_loss"])
+        writer.writerows(history)
+    os.replace(tmp, out_dir / "history.csv")
+
+
+def plot_history(out_dir, history):
+    """画损失曲线（横轴：见过的 token 数）。matplotlib 是可选依赖。"""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("（未安装 matplotlib，跳过画图；pip install matplotlib 后重跑即可得到 loss.png）")
+        return
+    evals = [row for row in history if row[5] != ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [row for row in history if row[3] != ""]
+    ax.plot([r[1] for r in steps], [r[3] for r in steps], alpha=0.3, label="train (batch)")
+    ax.plot([r[1] for r in evals], [r[4] for r in evals], "o-", label="train (eval)")
+    ax.plot([r[1] for r in evals], [r[5] for r in evals], "o-", label="val")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    print(f"损失曲线：{out_dir / 'loss.png'}")
+
+
+# ===== 7. 训练循环 =====
+
+class StopFlag:
+    """Ctrl-C 不立刻打断：只记下"要停"，当前这一步做完后保存检查点再退出，
+    这样参数不会停在"更新了一半"的状态。再按一次 Ctrl-C 才强制退出。"""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n收到 Ctrl-C：做完这一步就保存检查点并退出（再按一次强制退出）", flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train_step(model, optimizer, splits, state, args, device, autocast):
+    """一次参数更新：累积 grad_accum 个小批次的梯度（等效于大 batch，却只占小 batch 的内存）。"""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(state["step"] + 1, args.lr, args.warmup_steps, args.max_steps,
+                            args.lr * args.min_lr_ratio)
+    total = 0.0
+    for _ in range(args.grad_accum):
+        x, y = get_batch(splits["train"], args.batch_size, args.context_length,
+                         state["data_gen"], device)
+        loss = calc_loss_batch(model, x, y, autocast) / args.grad_accum
+        loss.backward()
+        total += loss.item()
+    # 梯度裁剪：偶尔一个"坏批次"会给出巨大的梯度，把范数压到 1 以内，防止一步把模型带飞
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["tokens_seen"] += args.batch_size * args.context_length * args.grad_accum
+    return total, optimizer.param_groups[0]["lr"]
+
+
+def checkpoint_state(model, optimizer, state, args, tok_record):
+    return {
+        "config": model.cfg, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "tokenizer": tok_record, "step": state["step"], "tokens_seen": state["tokens_seen"],
+        "schedule": {k: getattr(args, k) for k in ("lr", "warmup_steps", "max_steps",
+                                                   "min_lr_ratio", "weight_decay")},
+        "rng": {"torch": torch.get_rng_state(), "data": state["data_gen"].get_state()},
+        "history": state["history"], "args": {k: v for k, v in vars(args).items()
+                                              if isinstance(v, (int, float, str, bool))},
+    }
+
+
+def report_eval(model, splits, enc, state, args, device, autocast):
+    """评估 + 用固定开头采样一段，打印出来；返回 [训练集损失, 验证集损失]。"""
+    losses = evaluate(model, splits, args, device, autocast)
+    print(f"  评估：训练 {losses['train']:.3f}  验证 {losses['val']:.3f}"
+          f"（困惑度 {math.exp(losses['val']):.1f}）  已见 {state['tokens_seen']:,} token")
+    print(f"  样本：{args.prompt}{sample_text(model, enc, args.prompt, args, device)}")
+    return [losses["train"], losses["val"]]
+
+
+def train(model, optimizer, splits, enc, state, args, device, autocast, tok_record):
+    """主循环：训练 → 定期评估、采样、存检查点 → 结束时汇报速度与 MFU。"""
+    out_dir = Path(args.out_dir)
+    step_model = torch.compile(model) if args.compile else model
+    tokens_per_step = args.batch_size * args.context_length * args.grad_accum
+    fpt = flops_per_token(model, args.context_length)
+    start_step, t_start = state["step"], time.perf_counter()
+    train_time, stop_reason = 0.0, "done"
+    if state["step"] == 0:  # 训练前先评估一次：这就是"起点"，随机模型的损失约为 ln(词表大小)
+        state["history"].append([0, 0, 0.0, "", *report_eval(model, splits, enc, state, args,
+                                                              device, autocast)])
+    with StopFlag() as stop:
+        while state["step"] < args.max_steps:
+            t0 = time.perf_counter()
+            loss, lr = train_step(step_model, optimizer, splits, state, args, device, autocast)
+            sync(device)
+            train_time += time.perf_counter() - t0
+            step = state["step"]
+            state["history"].append([step, state["tokens_seen"], lr, loss, "", ""])
+            if step % args.log_every == 0 or step == args.max_steps:
+                done = step - start_step
+                tok_s = done * tokens_per_step / train_time
+                eta = (args.max_steps - step) * train_time / done
+                print(f"步 {step:>5}/{args.max_steps}  loss {loss:.3f}  lr {lr:.2e}  "
+                      f"{tok_s:,.0f} tok/s  已用 {time.perf_counter() - t_start:.0f}s  "
+                      f"剩余约 {eta:.0f}s", flush=True)
+            is_eval = step % args.eval_every == 0 or step == args.max_steps
+            if is_eval:
+                state["history"][-1][4:] = report_eval(model, splits, enc, state, args, device,
+                                                       autocast)
+            if stop.requested or step == args.stop_at:
+                stop_reason = "interrupted" if stop.requested else "stop_at"
+            if is_eval or stop_reason != "done":
+                save_checkpoint(out_dir / "ckpt.pt",
+                                checkpoint_state(model, optimizer, state, args, tok_record))
+                write_history(out_dir, state["history"])
+            if stop_reason != "done":
+                break
+    steps_done = state["step"] - start_step
+    if steps_done:
+        tok_s = steps_done * tokens_per_step / train_time
+        state["tokens_per_s"], state["mfu_flops"] = tok_s, tok_s * fpt
+    return stop_reason
+
+
+# ===== 8. 超参数搜索（--sweep） =====
+SWEEP_GRID = [  # (学习率, 预热步数, 权重衰减, dropout, batch)：每次只改一两个量，便于看出影响
+    (1e-3, 10, 0.1, 0.0, 16), (3e-3, 10, 0.1, 0.0, 16), (3e-4, 10, 0.1, 0.0, 16),
+    (1e-3, 0, 0.1, 0.0, 16), (1e-3, 10, 0.0, 0.0, 16), (1e-3, 10, 0.1, 0.1, 16),
+    (1e-3, 10, 0.1, 0.0, 8), (3e-3, 10, 0.1, 0.1, 32),
+]
+
+
+def run_sweep(args, enc, splits, device, autocast):
+    """每组超参数从同一个随机种子开始，训练同样多步，比较验证损失，打印排名。"""
+    results = []
+    for lr, warmup, wd, drop, batch in SWEEP_GRID[:args.sweep_trials]:
+        trial = argparse.Namespace(**{**vars(args), "lr": lr, "warmup_steps": warmup,
+                                      "weight_decay": wd, "drop_rate": drop, "batch_size": batch,
+                                      "max_steps": args.sweep_steps})
+        torch.manual_seed(args.seed)
+        model = GPTModel(model_config(trial, enc.n_vocab)).to(device)
+        optimizer = make_optimizer(model, lr, wd, args.optimizer)
+        state = {"step": 0, "tokens_seen": 0, "history": [],
+                 "data_gen": torch.Generator().manual_seed(args.seed)}
+        t0 = time.perf_counter()
+        for _ in range(trial.max_steps):
+            train_step(model, optimizer, splits, state, trial, device, autocast)
+        val = evaluate(model, splits, trial, device, autocast)["val"]
+        results.append((val, lr, warmup, wd, drop, batch, time.perf_counter() - t0))
+        print(f"  试验 {len(results)}: lr={lr:g} warmup={warmup} wd={wd} dropout={drop} "
+              f"batch={batch} → 验证损失 {val:.3f}", flush=True)
+    print("\n排名（验证损失越低越好）：")
+    print(f"{'名次':>4} {'验证损失':>8} {'lr':>8} {'预热':>4} {'衰减':>5} {'dropout':>7} "
+          f"{'batch':>5} {'用时':>6}")
+    for rank, (val, lr, warmup, wd, drop, batch, secs) in enumerate(sorted(results), 1):
+        print(f"{rank:>4} {val:>8.3f} {lr:>8g} {warmup:>4} {wd:>5} {drop:>7} {batch:>5} "
+              f"{secs:>5.0f}s")
+    return sorted(results)
+
+
+# ===== 9. 交互式生成（--interactive） =====
+
+def interactive(model, enc, device, context_length):
+    """在终端里和模型对话式地续写。以冒号开头的行是设置，比如 :temp 0.8、:topk 40、:topp 0.9。"""
+    settings = {"temp": 0.8, "topk": 40, "topp": None, "tokens": 80}
+    print("输入开头文字，回车生成；:temp/:topk/:topp/:tokens 数值 调整采样；:quit 退出。")
+    model.eval()
+    while True:
+        try:
+            line = input(f"[temp={settings['temp']} topk={settings['topk']} "
+                         f"topp={settings['topp']}] > ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in (":quit", ":q"):
+            return
+        if line.startswith(":"):
+            key, _, value = line[1:].partition(" ")
+            if key not in settings:
+                print(f"未知设置 {key}，可用：{', '.join(settings)}")
+                continue
+            try:
+                settings[key] = None if value.strip() in ("", "none") else (
+                    int(value) if key in ("topk", "tokens") else float(value))
+            except ValueError:
+                print(f"{value!r} 不是数字")
+            continue
+        ids = enc.encode(line or "\n", allowed_special="all")[-context_length:]
+        idx = torch.tensor([ids], device=device)
+        real_vocab = lambda x: model(x)[..., :enc.n_vocab]
+        out = generate(real_vocab, idx, settings["tokens"], context_length,
+                       temperature=settings["temp"], top_k=settings["topk"],
+                       top_p=settings["topp"], eos_id=enc.eot_token)
+        print(line + enc.decode(out[0, len(ids):].tolist()))
+
+
+# ===== 10. 组装：命令行 → 数据、模型、优化器 → 训练 =====
+
+def build_parser():
+    p = argparse.ArgumentParser(description="在无标注文本上预训练 GPT（默认：data/ 语料 + 项目分词器）")
+    p.add_argument("--data", default=str(DATA_DIR / "corpus"),
+                   help="语料：一个文本文件，或递归查找 .txt 的目录（默认 data/corpus）")
+    p.add_argument("--model", default="mini", choices=list(MODEL_SIZES),
+                   help="模型尺寸：tiny/mini（CPU）或 GPT-2 的四个尺寸（默认 mini）")
+    p.add_argument("--init", default="random",
+                   help="random=随机初始化；gpt2/gpt2-medium/…=从真实 GPT-2 权重继续预训练"
+                        "（改用 GPT-2 分词器）；也可以是含 config.json 与 *.safetensors 的目录")
+    for flag, text in (("--n-layers", "层数"), ("--n-heads", "注意力头数"),
+                       ("--emb-dim", "嵌入维度")):
+        p.add_argument(flag, type=int, help=f"覆盖 --model 的{text}")
+    p.add_argument("--context-length", type=int, help="上下文长度（训练窗口的 token 数）")
+    p.add_argument("--drop-rate", type=float, default=0.0,
+                   help="dropout 概率（默认 0：几分钟的短训练里它只拖慢速度，数据多、训练久时再开）")
+    p.add_argument("--batch-size", type=int, default=16, help="每个小批次的序列数（默认 16）")
+    p.add_argument("--grad-accum", type=int, default=1, help="梯度累积的小批次数（默认 1）")
+    p.add_argument("--max-steps", type=int, default=350, help="参数更新总步数（默认 350）")
+    p.add_argument("--lr", type=float, default=1e-3, help="峰值学习率（默认 1e-3）")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="余弦退火的终点 = lr × 此比例")
+    p.add_argument("--warmup-steps", type=int, default=30, help="线性预热步数（默认 30）")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW 权重衰减（默认 0.1）")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="梯度范数裁剪阈值（默认 1.0）")
+    p.add_argument("--eval-every", type=int, default=70, help="每多少步评估、采样、存检查点（默认 70）")
+    p.add_argument("--eval-iters", type=int, default=8, help="每次评估平均多少个批次（默认 8）")
+    p.add_argument("--log-every", type=int, default=20, help="每多少步打印一行进度")
+    p.add_argument("--prompt", default="从前有一个", help="评估时用来采样的固定开头")
+    p.add_argument("--out-dir", default="runs/pretrain", help="检查点、CSV、损失曲线的目录")
+    p.add_argument("--resume", action="store_true", help="从 out-dir/ckpt.pt 精确地接着训练")
+    p.add_argument("--stop-at", type=int, help="训练到第 N 步就存检查点并退出（模拟中断）")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto：实测 bf16 自动混合精度更快才用（默认）")
+    p.add_argument("--compile", action="store_true", help="用 torch.compile 编译模型")
+    p.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "loop"],
+                   help="AdamW 的实现：fused 最快（默认）")
+    p.add_argument("--no-sdpa", action="store_true", help="关掉 SDPA，用手写注意力（对比速度）")
+    p.add_argument("--no-pad-vocab", action="store_true", help="不把词表补齐到 64 的倍数")
+    p.add_argument("--sweep", action="store_true", help="超参数搜索：每组训练 --sweep-steps 步并排名")
+    p.add_argument("--sweep-steps", type=int, default=60, help="搜索时每组的步数（默认 60）")
+    p.add_argument("--sweep-trials", type=int, default=len(SWEEP_GRID), help="搜索多少组")
+    p.add_argument("--interactive", action="store_true",
+                   help="不训练：载入 out-dir 的检查点（或 --init 的权重）在终端里交互生成")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="计算设备，auto = cuda > mps > cpu")
+    p.add_argument("--seed", type=int, default=123, help="随机种子（CPU 上完全可复现）")
+    p.add_argument("--quick", action="store_true", help="冒烟测试：tiny 模型、几十步，半分钟内跑完")
+    return p
+
+
+def apply_quick(args):
+    """--quick：tiny 模型、少量步数，用于测试和第一次试跑。"""
+    args.model = "tiny"
+    quick = {"max_steps": 40, "eval_every": 20, "eval_iters": 2, "warmup_steps": 5, "lr": 3e-3,
+             "log_every": 10, "batch_size": 8, "sweep_steps": 5, "sweep_trials": 2}
+    for key, value in quick.items():
+        if getattr(args, key) == build_parser().get_default(key):
+            setattr(args, key, value)
+
+
+def check_args(args):
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_iters", "log_every"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} 必须是正整数")
+    if args.lr <= 0:
+        raise UserError("--lr 必须大于 0")
+
+
+def setup_model_and_tokenizer(args, device):
+    """返回 (model, enc, tok_record, ckpt 或 None)。"""
+    out_dir = Path(args.out_dir)
+    if args.resume or (args.interactive and args.init == "random"):
+        ckpt = load_checkpoint(out_dir / "ckpt.pt")
+        for key in ("n_layers", "n_heads", "emb_dim"):
+            wanted = getattr(args, key)
+            if wanted is not None and wanted != ckpt["config"][key]:
+                raise UserError(f"检查点与模型不匹配：检查点的 {key} = {ckpt['config'][key]}，"
+                                f"命令行要求 {wanted}")
+        enc = tokenizer_from_record(ckpt["tokenizer"])
+        return build_model_from_checkpoint(ckpt).to(device), enc, ckpt["tokenizer"], ckpt
+    if args.init != "random":
+        model, _ = load_gpt2_hf(args.init)
+        # 载入的参数是内存映射、只读的视图：训练要原地更新，先复制成普通张量（共享的参数只复制一次）
+        for param in model.parameters():
+            param.data = param.data.clone()
+        if not args.no_pad_vocab:
+            pad_vocab(model)
+        enc = get_gpt2_tokenizer()
+        return model.to(device), enc, tokenizer_record(enc, "gpt2"), None
+    enc = load_project_tokenizer()
+    torch.manual_seed(args.seed)
+    model = GPTModel(model_config(args, enc.n_vocab)).to(device)
+    return model, enc, tokenizer_record(enc, "project"), None
+
+
+def run(args):
+    if args.quick:
+        apply_quick(args)
+    check_args(args)
+    device = resolve_device(args.device)
+    if args.context_length is None:
+        args.context_length = MODEL_SIZES[args.model]["context_length"]
+    model, enc, tok_record, ckpt = setup_model_and_tokenizer(args, device)
+    if ckpt is not None:
+        args.context_length = min(args.context_length, ckpt["config"]["context_length"])
+    if args.context_length > model.cfg["context_length"]:
+        raise UserError(f"--context-length {args.context_length} 超过模型支持的 "
+                        f"{model.cfg['context_length']}")
+    if args.interactive:
+        return interactive(model, enc, device, args.context_length)
+    train_tokens, val_tokens = load_corpus(args.data, enc, enc.name, args.context_length)
+    splits = {"train": train_tokens, "val": val_tokens}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"模型：{model.cfg['n_layers']} 层，宽 {model.cfg['emb_dim']}，{model.cfg['n_heads']} 头，"
+          f"上下文 {args.context_length}，词表 {model.cfg['vocab_size']}（分词器 {enc.name}，"
+          f"{enc.n_vocab} 个 token），参数 {n_params / 1e6:.2f}M；训练集 {len(train_tokens):,} token，"
+          f"验证集 {len(val_tokens):,} token；设备 {device}")
+    probe = get_batch(train_tokens, args.batch_size, args.context_length,
+                      torch.Generator().manual_seed(0), device)
+    with torch.random.fork_rng(devices=[]):  # 测速用的随机矩阵不能消耗训练的随机数
+        dtype = choose_dtype(args.dtype, model, *probe, device)
+        peak, size = measure_matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    autocast = make_autocast(device, dtype)
+    if args.sweep:
+        return run_sweep(args, enc, splits, device, autocast)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.optimizer)
+    state = {"step": 0, "tokens_seen": 0, "history": [],
+             "data_gen": torch.Generator().manual_seed(args.seed)}
+    if ckpt is not None:
+        resume_from(ckpt, optimizer, state, args)
+    print(f"本机实测 {dtype} 矩阵乘法峰值：{peak / 1e9:,.1f} GFLOP/s（{size}×{size} 矩阵乘，取最快一次），"
+          "用作 MFU 的分母")
+    reason = train(model, optimizer, splits, enc, state, args, device, autocast, tok_record)
+    finish(model, enc, state, args, device, peak, reason)
+
+
+def resume_from(ckpt, optimizer, state, args):
+    """恢复优化器、步数、数据位置与随机数状态：接下来的每一步与不中断时逐位相同。"""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise UserError(f"检查点的优化器状态与模型不匹配：{err}") from None
+    state.update(step=ckpt["step"], tokens_seen=ckpt["tokens_seen"],
+                 history=[list(row) for row in ckpt["history"]])
+    state["data_gen"].set_state(ckpt["rng"]["data"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    for key, value in ckpt["schedule"].items():
+        setattr(args, key, value if key != "max_steps" else getattr(args, key))
+    print(f"从第 {state['step']} 步继续（已见 {state['tokens_seen']:,} token）")
+
+
+def finish(model, enc, state, args, device, peak, reason):
+    out_dir = Path(args.out_dir)
+    if reason == "interrupted":
+        print(f"已保存检查点 {out_dir / 'ckpt.pt'}；用 --resume 从第 {state['step']} 步继续。")
+        sys.exit(130)
+    if reason == "stop_at":
+        print(f"按 --stop-at 在第 {state['step']} 步停下，检查点已保存；用 --resume 继续。")
+        return
+    plot_history(out_dir, state["history"])
+    if "tokens_per_s" in state:
+        mfu = state["mfu_flops"] / peak
+        print(f"速度：{state['tokens_per_s']:,.0f} token/s，模型算力 {state['mfu_flops'] / 1e9:.1f} "
+              f"GFLOP/s = 实测峰值的 {100 * mfu:.0f}%（MFU）")
+    print(f"检查点：{out_dir / 'ckpt.pt'}   损失历史：{out_dir / 'history.csv'}")
+    print("最终样本：")
+    for prompt in (args.prompt, "今天", "The"):
+        print(f"  {prompt}{sample_text(model, enc, prompt, args, device, 60)}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"错误：{err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
