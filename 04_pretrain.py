@@ -659,7 +659,7 @@ def build_token_cache(files, enc, folder):
             split = "val" if n_chunks % VAL_EVERY == VAL_EVERY - 1 else "train"
             batch.append((start, split, text))
             batch_chars += len(text)
-            if batch_chars > 8 << 20:
+            if batch_chars > 2 << 20:  # 攒约 2M 字符切一次：够并行，又不占多少内存
                 flush()
                 batch_chars = 0
         flush()
@@ -686,7 +686,8 @@ def load_corpus(data_path, enc, tokenizer_name, context_length):
     if meta["train"] + meta["val"] <= len(files):
         raise UserError(f"语料 {data_path} 是空的（没有任何文字）")
     train, val = (np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
-                  if meta[split] else np.zeros(0, dtype=meta["dtype"]) for split in ("train", "val"))
+                  if meta[split] else np.zeros(0, dtype=meta["dtype"])
+                  for split in ("train", "val"))
     if len(val) < context_length + 1:
         # 语料太小、凑不出验证块时：退而取训练 token 的最后 10% 做验证
         cut = int(len(train) * 0.9)
@@ -705,7 +706,7 @@ def get_batch(tokens, batch_size, context_length, generator, device):
     x, y = windows[:, :-1], windows[:, 1:]
     if device.type == "cuda":
         # 锁页内存 + non_blocking：拷贝到显卡与计算重叠进行
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y))
     return x.to(device), y.to(device)
 
 
@@ -1240,11 +1241,11 @@ def run(args):
         apply_quick(args)
     check_args(args)
     device = resolve_device(args.device)
-    if args.context_length is None:
-        args.context_length = MODEL_SIZES[args.model]["context_length"]
     model, enc, tok_record, ckpt = setup_model_and_tokenizer(args, device)
     if ckpt is not None:
-        args.context_length = min(args.context_length, ckpt["config"]["context_length"])
+        restore_run_args(args, ckpt["args"])
+    if args.context_length is None:  # 默认用满模型的上下文长度
+        args.context_length = model.cfg["context_length"]
     if args.context_length > model.cfg["context_length"]:
         raise UserError(f"--context-length {args.context_length} 超过模型支持的 "
                         f"{model.cfg['context_length']}")
@@ -1261,7 +1262,8 @@ def run(args):
                       torch.Generator().manual_seed(0), device)
     with torch.random.fork_rng(devices=[]):  # 测速用的随机矩阵不能消耗训练的随机数
         dtype = choose_dtype(args.dtype, model, *probe, device)
-        peak, size = measure_matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+        peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        peak, size = measure_matmul_peak(device, peak_dtype)
     autocast = make_autocast(device, dtype)
     if args.sweep:
         return run_sweep(args, enc, splits, device, autocast)
@@ -1274,6 +1276,19 @@ def run(args):
           "用作 MFU 的分母")
     reason = train(model, optimizer, splits, enc, state, args, device, autocast, tok_record)
     finish(model, enc, state, args, device, peak, reason)
+
+
+RESUMED_ARGS = ("context_length", "batch_size", "grad_accum", "max_steps", "eval_every",
+                "eval_iters", "log_every", "grad_clip", "prompt", "optimizer")
+
+
+def restore_run_args(args, saved):
+    """续训时沿用检查点里的训练设置（批次、上下文、总步数……），命令行显式给出的除外：
+    于是 --quick 训练后，单独一个 --resume 也能原样接上。"""
+    defaults = build_parser().parse_args([])
+    for key in RESUMED_ARGS:
+        if key in saved and getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, saved[key])
 
 
 def resume_from(ckpt, optimizer, state, args):

@@ -291,3 +291,15 @@ def test_continue_pretraining_from_gpt2_layout_directory(tmp_path):
     # 载入的起点就是 GPT-2 的权重：补齐前的那些行在训练 4 步后仍与原权重很接近
     wte = hf.transformer.wte.weight.detach()
     assert torch.allclose(ckpt["model"]["tok_emb.weight"][:50257], wte, atol=0.05)
+
+
+def test_resume_alone_reuses_the_checkpoint_settings(mod, tmp_path, monkeypatch, capsys):
+    first = FAST + ["--max-steps", "4", "--stop-at", "2", "--out-dir", "o"]
+    code, _, err = run_in_process(mod, first, monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    # 只给 --resume：tiny 模型的上下文 64、批次 8、总步数 4 都从检查点里恢复
+    code, out, err = run_in_process(mod, ["--resume", "--dtype", "fp32", "--out-dir", "o"],
+                                    monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    assert "上下文 64" in out and "步     4/4" in out
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 4
