@@ -96,15 +96,18 @@ def read_corpus(path):
     """path 是 .txt 文件或目录（递归读取其中全部 .txt，按相对路径排序）；每个文件是一篇文档。"""
     path = Path(path)
     if path.is_dir():
+        # 按相对路径排序：rglob 的返回顺序随文件系统而变，排好序语料顺序和训练结果才可复现
         files = sorted(path.rglob("*.txt"), key=lambda p: p.relative_to(path).as_posix())
     elif path.is_file():
         files = [path]
     else:
         raise UserError(f"找不到语料 {path}：请用 --corpus 指定一个 .txt 文件或包含 .txt 的目录")
     try:
+        # 显式写 UTF-8：中文 Windows 的默认编码是 GBK，不写就可能读出乱码或报错
         docs = [f.read_text(encoding="utf-8") for f in files]
     except UnicodeDecodeError as err:
         raise UserError(f"语料不是 UTF-8 编码：{err}") from None
+    # 全是空白也算空：否则后面会训练出一个什么都没学到的词表
     if not any(doc.strip() for doc in docs):
         raise UserError(f"语料 {path} 是空的：里面没有任何非空的 .txt 文本")
     return docs
@@ -120,22 +123,27 @@ class SimpleTokenizer:
 
     def __init__(self, vocab):
         self.str_to_int = vocab
+        # 编码查 str_to_int，解码查 int_to_str：两张表互为逆映射
         self.int_to_str = {i: s for s, i in vocab.items()}
 
     @classmethod
     def from_text(cls, text):
         """词表 = 语料里出现过的所有词（排序后编号），再加两个特殊词。"""
+        # 先去掉 <|endoftext|>，再和 <|unk|> 一起放到末尾：特殊词的 id 固定在最后
         words = sorted(set(SIMPLE_PAT.findall(text)) - {ENDOFTEXT})
         return cls({word: i for i, word in enumerate(words + [ENDOFTEXT, UNK])})
 
     def encode(self, text):
         unk = self.str_to_int[UNK]
+        # 词表里查不到的词一律变成 <|unk|>：不报错，但原词从此丢失，解码也找不回来
         return [self.str_to_int.get(word, unk) for word in SIMPLE_PAT.findall(text)]
 
     def decode(self, ids):
         out = ""
         for word in map(self.int_to_str.__getitem__, ids):
+            # 已拼好文本的最后一个字符 + 新词的第一个字符；out 为空时 pair 只有 1 个字符
             pair = out[-1:] + word[0]
+            # 只在两边都是英文字母或数字时补空格：汉字之间、标点前后本来就不需要
             if len(pair) == 2 and pair.isascii() and pair.isalnum():
                 out += " "  # 空白在切词时丢了，只能猜：两个英文词之间补一个空格
             out += word
@@ -149,6 +157,7 @@ class SimpleTokenizer:
 # 一个前导空格；数字每 3 位一段（"12345" -> "123" "45"），算术题里的数才有规律可学。
 PROJECT_PAT = (r"""'(?:[sdmt]|ll|ve|re)|\p{Han}+| ?[^\P{L}\p{Han}]+|\p{N}{1,3}"""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# 下面四个常量服务于编码：缓存上限、长片段阈值只影响速度，换成别的值编出的 id 也完全相同
 _NO_MERGE = 1 << 62                        # "这两段拼起来不是词元"，比任何 rank 都大
 _BYTES = [bytes([i]) for i in range(256)]  # 预先做好的单字节 bytes，省得反复创建
 _CACHE_LIMIT = 1 << 18                     # 片段缓存最多这么多条，超了就清空，防止内存无限涨
@@ -157,6 +166,7 @@ _LONG_PIECE = 256                          # 超过这么多字节的片段改�
 
 def _special_regex(tokens):
     """匹配任一特殊词元的正则；长的排前面，避免被它的前缀抢先匹配。"""
+    # escape 必不可少：<|endoftext|> 里的 | 在正则里表示“或”，不转义就会匹配错
     return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
@@ -167,6 +177,7 @@ def _special_regex(tokens):
 #   3) 用堆取出现次数最多的对；计数变了就压入新条目，旧条目弹出时发现对不上就丢弃（惰性删除）。
 def _merge_word(word, pair, new_id):
     """把 word 里所有（从左到右、不重叠的）pair 换成 new_id；返回新词和合并点在新词里的下标。"""
+    # 例：word=[a, b, a, b, c]、pair=(a, b) -> 新词 [X, X, c]，spots=[0, 1]
     first, second = pair
     out, spots, i = [], [], 0
     while True:
@@ -175,11 +186,13 @@ def _merge_word(word, pair, new_id):
         except ValueError:
             break
         if j + 1 < len(word) and word[j + 1] == second:
+            # 命中：先抄下 first 之前的部分再放新 id；i 一次跳过两个元素，所以合并不会重叠
             out += word[i:j]
             spots.append(len(out))
             out.append(new_id)
             i = j + 2
         else:
+            # first 后面不是 second：连同 first 原样抄下，从下一个位置接着找
             out += word[i:j + 1]
             i = j + 1
     return out + word[i:], spots
@@ -187,13 +200,18 @@ def _merge_word(word, pair, new_id):
 
 def _apply_merge(pair, new_id, words, freqs, pair_counts, where):
     """在含 pair 的词里执行合并，只更新受影响的相邻对计数；返回计数变了的对。"""
+    # delta 汇总这次合并带来的计数变化：同一个对可能在很多词里增减，最后一次性写回
     delta = defaultdict(int)
+    # pop：这个对此刻会被全部合并，旧索引没用了；以后若再出现，会在下面重新登记
     for wi in where.pop(pair):
         word = words[wi]
         merged, spots = _merge_word(word, pair, new_id)
         if not spots:  # 索引里的旧记录：这个词早已不含该对
             continue
         # 第 k 个合并点在旧词里的下标是 j + k；它左、中、右三个旧对消失，左右两个新对出现
+        # 例：旧词 [a, b, c, d] 合并 (b, c)，spots=[1]：旧对 (a,b)(b,c)(c,d) 消失，
+        # 新词 [a, X, d] 里的 (a,X)(X,d) 出现
+        # 用集合去重：合并点相邻时（如 aaaa 合并 aa），两个合并点共享的旧对只能减一次
         old = {j + k + d for k, j in enumerate(spots) for d in (-1, 0, 1)}
         new = {j + d for j in spots for d in (-1, 0)}
         for j in old:
@@ -204,18 +222,22 @@ def _apply_merge(pair, new_id, words, freqs, pair_counts, where):
                 delta[merged[j], merged[j + 1]] += freqs[wi]
                 where[merged[j], merged[j + 1]].add(wi)
         words[wi] = merged
+    # 统一写回全局计数；d 可能为 0（同一个对在一个词里减少、在另一个词里增加）
     for p, d in delta.items():
         pair_counts[p] += d
         if not pair_counts[p]:  # 计数归零就删掉；堆里它的旧条目弹出时自然作废
             del pair_counts[p]
+    # 只返回计数真的变了、且仍存在的对：调用方只需为它们往堆里压入新条目
     return [p for p, d in delta.items() if d and p in pair_counts]
 
 
 def learn_merges(words, freqs, num_tokens, verbose=False):
     """words：每个不同片段的字节 id 列表（会被原地改写）；freqs：出现次数。
     一直合并到词表有 num_tokens 个普通词元。返回（词元字节串列表，[((左id, 右id), 新id), ...]）。"""
+    # 起点：256 个单字节就是最初的词表，id 0..255 恰好等于字节值
     vocab = list(_BYTES)
     index_of = {tok: i for i, tok in enumerate(vocab)}
+    # 唯一一次全量计数：pair_counts[对] = 总出现次数，where[对] = 含这个对的词的下标集合
     pair_counts, where = defaultdict(int), defaultdict(set)
     for wi, word in enumerate(words):
         for pair in zip(word, word[1:]):
@@ -225,6 +247,7 @@ def learn_merges(words, freqs, num_tokens, verbose=False):
     heap = [(-count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
     merges, start = [], time.perf_counter()
+    # 堆空了说明每个片段都已合并成单个词元、不再有相邻对：语料太小时会提前停下
     while len(vocab) < num_tokens and heap:
         neg_count, pair = heapq.heappop(heap)
         if pair_counts.get(pair) != -neg_count:  # 过期条目
@@ -234,7 +257,9 @@ def learn_merges(words, freqs, num_tokens, verbose=False):
         if new_id is None:
             new_id = index_of[merged] = len(vocab)
             vocab.append(merged)
+        # 记下合并的先后：先学到的 id 小，编码时 rank 越小越先合并，正是这个顺序
         merges.append((pair, new_id))
+        # heapq 是最小堆，所以存负的次数：堆顶就是出现次数最多的对
         for p in _apply_merge(pair, new_id, words, freqs, pair_counts, where):
             heapq.heappush(heap, (-pair_counts[p], p))
         if verbose and len(merges) % 1000 == 0:
@@ -246,6 +271,8 @@ def learn_merges(words, freqs, num_tokens, verbose=False):
 # ===== 6. BPE 分词器：编码、解码、保存 =====
 def _char_windows(token):
     """词元内部每个字符边界两侧的（左片段, 右片段）。UTF-8 里 10xxxxxx 是续字节，其余字节是字符开头。"""
+    # 例：b'ab' -> [(b'a', b'b')]；单个汉字只有一个字符，没有内部边界，返回空列表
+    # 词元开头可能是半个字符（续字节），这时第一个“字符”只是几个字节的残片
     starts = [i for i, byte in enumerate(token) if i == 0 or not 0x80 <= byte < 0xC0]
     ends = starts[1:] + [len(token)]
     return [(token[a:b], token[b:c]) for a, b, c in zip(starts, ends, ends[1:])]
@@ -257,42 +284,52 @@ class BPETokenizer:
 
     def __init__(self, ranks=None, pat_str=PROJECT_PAT, special_tokens=None, name="nfl-bpe"):
         self.name, self.pat_str = name, pat_str
+        # 复制一份 dict：调用方（如 tiktoken 的内部词表）之后改动原 dict，也影响不到这里
         self.ranks = dict(ranks) if ranks is not None else {tok: i for i, tok in enumerate(_BYTES)}
         self.special_tokens = dict(special_tokens or {})
+        # merges 只在训练后有内容（供演示学习顺序）；从文件加载的词表只靠 ranks 就能编码
         self.merges = []
+        # 用第三方 regex 而不是标准库 re：\p{L}、\p{Han} 这类 Unicode 类别只有 regex 支持
         self._pattern = regex.compile(pat_str)
         self._rebuild()
 
     def _rebuild(self):
         """词表变了以后，重建解码表和编码加速用的字符边界表，并清空缓存。"""
         self._decoder = {i: tok for tok, i in self.ranks.items()}
+        # 特殊词元不参与合并、不在 ranks 里，但解码时也要能还原成它的文字
         self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
         self._special_re = _special_regex(self.special_tokens) if self.special_tokens else None
         # 每个"跨字符边界的窗口"占一个二进制位；非 ASCII 的排前面，使汉字的位掩码是小整数
         windows = sorted({w for tok in self.ranks for w in _char_windows(tok)},
                          key=lambda w: (w[0].isascii() and w[1].isascii(), w))
         self._left_bits, self._right_bits = defaultdict(int), defaultdict(int)
+        # _left_bits[片段] 的第 bit 位为 1 = 这个片段是第 bit 个窗口的左半边；右边同理
         for bit, (left, right) in enumerate(windows):
             self._left_bits[left] |= 1 << bit
             self._right_bits[right] |= 1 << bit
         self.clear_cache()
 
     def clear_cache(self):
+        # 片段 -> ids、安全小段 -> ids、字符 -> 左/右掩码：四个缓存都只为提速，清空不影响结果
         self._cache, self._chunks, self._lefts, self._rights = {}, {}, {}, {}
 
     @property
     def n_vocab(self):
+        # 取最大 id + 1 而不是个数：嵌入矩阵的行数必须装得下最大的 id
         return max([*self.ranks.values(), *self.special_tokens.values()]) + 1
 
     def train(self, text, vocab_size, verbose=False):
         """在 text 上学合并规则，使词表（含 <|endoftext|>）共 vocab_size 个；返回 self。"""
         if vocab_size < 258:
             raise UserError(f"词表大小 {vocab_size} 太小：至少 258（256 个字节 + 1 次合并 + 结束符）")
+        # 按 <|endoftext|> 切开再预分词：结束符两侧属于不同文档，不能合并到一起
         counts = Counter()
         for doc in text.split(ENDOFTEXT):
             counts.update(self._pattern.findall(doc))
         pieces = sorted(counts)  # 排序：与 Counter 的插入顺序无关，结果可复现
+        # 每个片段变成字节值列表（0..255），正好就是初始词表里的 id
         words = [list(piece.encode("utf-8")) for piece in pieces]
+        # vocab_size - 1：留一个 id 给 <|endoftext|>
         vocab, self.merges = learn_merges(words, [counts[p] for p in pieces], vocab_size - 1,
                                           verbose)
         self.ranks = {tok: i for i, tok in enumerate(vocab)}
@@ -315,13 +352,16 @@ class BPETokenizer:
             best = min(pair_rank)  # min/index 都在 C 里跑，比 Python 循环找最小值快一个数量级
             if best == _NO_MERGE:
                 break
+            # index 返回第一个最小值：rank 并列时取最左的对，与 tiktoken 一致
             i = pair_rank.index(best)
+            # 第 i、i+1 两段并成一段；pair_rank 同步删掉一项，两个列表的下标继续对齐
             parts[i] += parts.pop(i + 1)
             del pair_rank[i]
             if i:  # 只有新段左右两个相邻对变了
                 pair_rank[i - 1] = get(parts[i - 1] + parts[i], _NO_MERGE)
             if i < len(parts) - 1:
                 pair_rank[i] = get(parts[i] + parts[i + 1], _NO_MERGE)
+        # 停下时每一段都是词元（单字节本来就是词元），所以查表一定查得到
         return list(map(self.ranks.__getitem__, parts))
 
     def _merge_long(self, data):
@@ -330,7 +370,9 @@ class BPETokenizer:
         各段用双向链表相连，合并后只压入新出现的两个对，旧条目取出时发现对不上就跳过。"""
         get, n = self.ranks.get, len(data)
         parts = list(map(_BYTES.__getitem__, data))  # parts[i]：从第 i 个字节开始的段；被并掉则为 None
+        # nxt[i] / prv[i]：段 i 的后一段 / 前一段的起点；n 和 -1 表示到头了
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        # 只放能合并的对（rank 不是 None）
         heap = [(r, i) for i, r in enumerate(map(get, map(bytes.__add__, parts, parts[1:])))
                 if r is not None]
         heapq.heapify(heap)
@@ -339,15 +381,18 @@ class BPETokenizer:
             j = nxt[i]
             if parts[i] is None or j == n or get(parts[i] + parts[j]) != rank:
                 continue  # 过期条目
+            # 把段 j 并进段 i，再从链表里摘掉 j：O(1)，不像 list.pop 要挪动后面所有元素
             parts[i] += parts[j]
             parts[j], nxt[i] = None, nxt[j]
             if nxt[i] < n:
                 prv[nxt[i]] = i
+            # 合并后变了的只有（前一段, i）和（i, 后一段）两个对，压入它们的新 rank
             for left in (prv[i], i):
                 if left >= 0 and nxt[left] < n:
                     rank = get(parts[left] + parts[nxt[left]])
                     if rank is not None:
                         heapq.heappush(heap, (rank, left))
+        # 被并掉的位置是 None，跳过它们，剩下的按顺序就是各段
         return [self.ranks[part] for part in parts if part is not None]
 
     # 加速的关键观察：合并出的每一段都必须是词元。若词表里没有任何词元跨过某个字符边界
@@ -356,6 +401,7 @@ class BPETokenizer:
     def _char_masks(self, ch):
         data = ch.encode("utf-8")
         left = right = 0
+        # 一个字符最多 4 个字节，循环很短；每个字符只算一次，结果存在缓存里
         for i in range(len(data)):
             left |= self._left_bits.get(data[i:], 0)       # ch 的某个后缀出现在窗口左侧
             right |= self._right_bits.get(data[:i + 1], 0)  # ch 的某个前缀出现在窗口右侧
@@ -364,6 +410,7 @@ class BPETokenizer:
     def _glued(self, piece):
         """第 i 项非零 = piece[i] 与 piece[i+1] 的掩码有公共位 = 可能有词元跨过这个边界，不能切。"""
         lefts, rights = self._lefts, self._rights
+        # 两个字符的掩码按位与：同一个窗口的位两边都为 1，说明可能有词元跨过这个边界
         return list(map(operator.and_, map(lefts.__getitem__, piece),
                         map(rights.__getitem__, piece[1:])))
 
@@ -376,28 +423,36 @@ class BPETokenizer:
             glued = self._glued(piece)
         if not any(glued):  # 常见情形（如 GPT-2 遇到汉字）：每个字各成一段
             return list(piece)
+        # 切点 = 所有不粘连的边界（下标 1..len-1），再补上头尾；相邻两个切点围成一段
         cuts = [0, *compress(range(1, len(piece)), map(operator.not_, glued)), len(piece)]
+        # 例：'甲乙丙丁' 的 glued=[0, 5, 0]（只有乙丙可能相连）-> 切成 '甲' '乙丙' '丁'
         return list(map(piece.__getitem__, map(slice, cuts, cuts[1:])))
 
     def _encode_piece(self, piece):
         data = piece.encode("utf-8")
+        # 捷径：整个片段本身就是词元（常见词），查一次表就完事
         rank = self.ranks.get(data)
         if rank is not None:
             return [rank]
         if len(piece) == 1 or piece.isascii():  # 英文片段几乎处处相连，切分不划算
             return self._merge(data)
+        # 非 ASCII 片段（如一长串汉字）：先在安全边界切成小段，各段分别合并再拼起来
         chunks, memo = self._safe_chunks(piece), self._chunks
+        # 小段不走捷径：tiktoken 只对整个预分词片段查表；小段即使本身是词元，
+        # 按合并规则也未必拼得出它，走捷径就会与 tiktoken 结果不同
         for chunk in set(chunks).difference(memo):
             memo[chunk] = self._merge(chunk.encode("utf-8"))  # 注意：小段不走"整段是词元"的捷径
         return list(chain.from_iterable(map(memo.__getitem__, chunks)))
 
     def _encode_text(self, text):
         pieces = self._pattern.findall(text)
+        # 缓存太大就整个清空：比 LRU 简单，常见片段很快又会被缓存回来
         if len(self._cache) > _CACHE_LIMIT:
             self.clear_cache()
         cache = self._cache
         for piece in set(pieces).difference(cache):  # 只有没见过的片段才需要真正去合并
             cache[piece] = self._encode_piece(piece)
+        # 按原顺序把各片段的 ids 首尾相接；chain 在 C 里拼接，比反复 += 快
         return list(chain.from_iterable(map(cache.__getitem__, pieces)))
 
     def encode_ordinary(self, text):
@@ -405,6 +460,7 @@ class BPETokenizer:
         try:
             return self._encode_text(text)
         except UnicodeEncodeError:  # 落单的代理字符：与 tiktoken 一样先替换成 U+FFFD 再编码
+            # surrogatepass 让落单的代理字符也能编进 UTF-16，解码时 replace 再把它换成 U+FFFD
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return self._encode_text(text)
 
@@ -422,6 +478,7 @@ class BPETokenizer:
                                  f"allowed_special；要当普通文字请传 disallowed_special=()")
         if not allowed_special or not self.special_tokens:
             return self.encode_ordinary(text)
+        # 否则逐个找特殊词元：两次命中之间的普通文本正常编码，命中处直接放它的 id
         ids, start = [], 0
         while True:
             found = self._special_re.search(text, start)
@@ -436,6 +493,7 @@ class BPETokenizer:
 
     def decode(self, ids):
         """拼回字节再按 UTF-8 解码；一个汉字可能被切在两个词元里，单独解码时不完整的字节显示为 �。"""
+        # 先拼好全部字节再解码：分在两个词元里的半个汉字，拼接后又是完整的字符
         return b"".join(map(self._decoder.__getitem__, ids)).decode("utf-8", errors="replace")
 
     def token_str(self, token_id):
@@ -448,11 +506,13 @@ class BPETokenizer:
         tokens = sorted(self.ranks, key=self.ranks.get)
         if [self.ranks[t] for t in tokens] != list(range(len(tokens))):
             raise UserError("词表的 rank 不是 0..n-1 连续编号，无法保存")
+        # 按 rank 顺序存成列表：rank 就是列表下标，不必为每个词元再写一个数字
         spec = {"name": self.name, "pat_str": self.pat_str, "special_tokens": self.special_tokens,
                 "vocab_size": self.n_vocab, **info,
                 "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens]}
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")  # 先写临时文件再改名：中途出错也不会留下半个文件
+        # ensure_ascii=False：中文等字符按原样写出，文件人眼可读
         tmp.write_text(json.dumps(spec, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
 
@@ -464,9 +524,11 @@ class BPETokenizer:
     @classmethod
     def from_tiktoken(cls, enc):
         """用 tiktoken 词表（如 GPT-2 的）构造从零实现的编码器。"""
+        # 用到 tiktoken 的下划线属性：它没有公开接口取回完整的 ranks 和切分正则
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, enc.name)
 
     def to_tiktoken(self):
+        # 反方向：同一份词表交给 Rust 实现，编码结果相同，速度快得多
         return tiktoken.Encoding(name=self.name, pat_str=self.pat_str, mergeable_ranks=self.ranks,
                                  special_tokens=self.special_tokens)
 
@@ -475,11 +537,13 @@ class BPETokenizer:
 def _docstrings(num_bytes):
     """Python 标准库里的英文文档字符串：现成、够多、和我们的语料毫无关系。"""
     out, size = [], 0
+    # os.__file__ 所在的目录就是标准库目录，任何装了 Python 的机器上都有
     for path in sorted(Path(os.__file__).parent.glob("*.py")):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError):
             continue
+        # 模块、类、函数都可能带文档字符串；ast.walk 会走遍嵌套在里面的定义
         kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
         nodes = (node for node in ast.walk(tree) if isinstance(node, kinds))
         for doc in filter(None, map(ast.get_docstring, nodes)):
@@ -494,13 +558,16 @@ def make_benchmark_text(docs, num_bytes, seed):
     """约 num_bytes 字节的中英混合文本：一半英文文档字符串；一半中文，每句由语料里随机两个分句
     各取一截拼成——不是把训练语料原样重复，编码器的缓存占不到便宜。"""
     rng = random.Random(seed)
+    # 按中文标点切成分句，标点留在分句末尾
     clauses = regex.findall(r"[^，。！？；：\n]+[，。！？；：\n]*", "\n".join(docs))
     chinese, size = [], 0
     while size < num_bytes // 2:
         a, b = rng.choice(clauses), rng.choice(clauses)
+        # a 取开头一截（至少 1 个字）、b 取结尾一截，拼出语料里没有的句子
         sentence = a[:rng.randint(1, max(1, len(a) - 1))] + b[rng.randint(0, len(b) - 1):]
         chinese.append(sentence)
         size += len(sentence.encode("utf-8"))
+    # 每 8 句中文合成一段，再和英文段落一起打乱：中英交错，更像真实输入
     paragraphs = _docstrings(num_bytes // 2) + ["".join(chinese[i:i + 8])
                                                 for i in range(0, len(chinese), 8)]
     rng.shuffle(paragraphs)
@@ -508,6 +575,7 @@ def make_benchmark_text(docs, num_bytes, seed):
 
 
 def _best_time(fn, repeats, setup=lambda: None):
+    # 取多次里最快的一次：慢的那几次多半是被系统里别的程序打扰，最快的最接近真实开销
     best = float("inf")
     for _ in range(repeats):
         setup()  # 准备工作（清空缓存）不计时
@@ -521,6 +589,7 @@ def benchmark(ours, reference, text, label, repeats=3):
     """单线程 encode_ordinary 计时（各取最快一次）；我们的编码器每次计时前都清空缓存。"""
     ref_time, ref_ids = _best_time(lambda: reference.encode_ordinary(text), repeats)
     cold_time, ids = _best_time(lambda: ours.encode_ordinary(text), repeats, ours.clear_cache)
+    # 紧接着再跑一次，此时缓存里已有全部片段：看缓存能帮多大的忙
     warm_time, _ = _best_time(lambda: ours.encode_ordinary(text), 1)
     print(f"  {label}：{len(text.encode('utf-8')) / 1e6:.2f} MB，tiktoken {ref_time:.3f}s；从零实现 "
           f"{cold_time:.3f}s（缓存为空，{cold_time / ref_time:.1f} 倍）/ {warm_time:.3f}s"
@@ -535,6 +604,7 @@ def train_and_save(docs, vocab_size, out):
     tok = BPETokenizer(name=f"nfl-bpe-{vocab_size}").train(text, vocab_size, verbose=True)
     elapsed, num_bytes = time.perf_counter() - start, len(text.encode("utf-8"))
     tok.save(out, trained_on={"documents": len(docs), "bytes": num_bytes})
+    # 压缩率 = 字节数 / 词元数：越大，同样长的上下文窗口装下的文字越多
     ids = tok.encode(text, allowed_special="all")
     print(f"训练用时 {elapsed:.1f}s，词表 {tok.n_vocab}（{len(tok.ranks)} 个普通词元 + 结束符），"
           f"语料 {num_bytes / 1e3:.0f} KB -> {len(ids)} 个词元，压缩率 {num_bytes / len(ids):.2f} 字节/词元")
@@ -550,7 +620,9 @@ class GPTDataset(Dataset):
         if max_length < 1 or stride < 1:
             raise UserError(f"max_length 和 stride 必须是正整数（现在是 {max_length}、{stride}）")
         if isinstance(txt_or_ids, str):
+            # 文档之间的 <|endoftext|> 要编成一个特殊 id，而不是当成十几个普通字符
             txt_or_ids = tokenizer.encode(txt_or_ids, allowed_special={ENDOFTEXT})
+        # 整段存成一维 long 张量 (总词元数,)：nn.Embedding 要求索引是整数 long
         self.ids = torch.as_tensor(txt_or_ids, dtype=torch.long)
         if len(self.ids) < max_length + 1:
             raise UserError(f"文本只有 {len(self.ids)} 个词元，不够一个长度 {max_length} 的窗口（还要多 1 个当目标）")
@@ -564,17 +636,22 @@ class GPTDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         start = index * self.stride  # 按需切片，不预先复制出所有窗口，省内存
+        # 多取 1 个：长 max_length+1 的一段错开一位，就同时得到输入和目标
         chunk = self.ids[start:start + self.max_length + 1]
+        # 两个都是 (max_length,)；DataLoader 堆成一批后是 (batch_size, max_length)
         return chunk[:-1], chunk[1:]
 
 
 def create_dataloader(txt_or_ids, tokenizer=None, batch_size=4, max_length=256, stride=128,
                       shuffle=True, drop_last=True, num_workers=0, seed=None):
     """tokenizer 缺省时用项目分词器；stride < max_length 时窗口互相重叠。"""
+    # 传进来的已经是 id 时用不到分词器，也就不去读文件
     if tokenizer is None and isinstance(txt_or_ids, str):
         tokenizer = load_project_tokenizer()
     dataset = GPTDataset(txt_or_ids, tokenizer, max_length, stride)
+    # 给打乱单独一个随机数生成器：指定 seed 时每次顺序都相同，不受全局随机状态影响
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    # drop_last=True 会丢掉凑不满的最后一批：训练时每批形状都一样
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       num_workers=num_workers, generator=generator)
 
@@ -582,6 +659,7 @@ def create_dataloader(txt_or_ids, tokenizer=None, batch_size=4, max_length=256, 
 # ===== 10. 演示 =====
 def demo_simple_tokenizer(text):
     tok = SimpleTokenizer.from_text(text)
+    # 𰻞（biáng）是极生僻的字，语料里不会有，正好用来演示生词
     sample = "Hello, 你好！我爱吃𰻞𰻞面。"
     ids = tok.encode(sample)
     unknown = [w for w in SIMPLE_PAT.findall(sample) if w not in tok.str_to_int]
@@ -590,6 +668,7 @@ def demo_simple_tokenizer(text):
 
 
 def demo_bpe_training(docs, quick):
+    # 维基百科 BPE 词条的经典例子；词表 = 256 个字节 + 合并 5 次 + 结束符
     toy = BPETokenizer().train("aaabdaaabac", 256 + 5 + 1)
     steps = [f"{toy.token_str(a)}+{toy.token_str(b)}" for (a, b), _ in toy.merges]
     print(f"\n[玩具 BPE] 'aaabdaaabac' 依次合并：{steps}；编码结果 {toy.encode('aaabdaaabac')}")
@@ -598,6 +677,7 @@ def demo_bpe_training(docs, quick):
     start = time.perf_counter()
     tok = BPETokenizer().train(text, vocab_size)
     learned = [tok.token_str(new) for _, new in tok.merges]
+    # 挑出由多个汉字组成的词元：看 BPE 自己从语料里学到了哪些“词”
     words = [w for w in learned if len(w) > 1 and regex.fullmatch(r"\p{Han}+", w)]
     print(f"[BPE 训练] {len(text.encode('utf-8')) / 1e3:.0f} KB 语料，词表 {vocab_size}，"
           f"用时 {time.perf_counter() - start:.2f}s")
@@ -607,6 +687,7 @@ def demo_bpe_training(docs, quick):
 def get_project_tokenizer(path, docs, quick):
     if Path(path).is_file():
         return BPETokenizer.load(path)
+    # 没有文件也能继续演示：临时训练一个；--quick 用小词表，几秒内训练完
     vocab_size = 512 if quick else DEFAULT_VOCAB_SIZE
     print(f"\n（没有找到 {path}，临时训练一个词表 {vocab_size} 的分词器；用 --train 保存）")
     return BPETokenizer(name=f"nfl-bpe-{vocab_size}").train(ENDOFTEXT.join(docs), vocab_size)
@@ -614,10 +695,12 @@ def get_project_tokenizer(path, docs, quick):
 
 def demo_project_tokenizer(tok, text):
     ids = tok.encode(text, allowed_special="all")
+    # 同一词表交给 tiktoken 再编一遍、逐 id 对比：验证从零实现的编码规则没写错
     same = ids == tok.to_tiktoken().encode(text, allowed_special="all")
     num_bytes = len(text.encode("utf-8"))
     print(f"\n[项目分词器] {tok.name}：语料 {num_bytes / 1e3:.0f} KB -> {len(ids)} 个词元，"
           f"{num_bytes / len(ids):.2f} 字节/词元；与 tiktoken 逐 id 一致：{same}")
+    # 三个样例分别看：汉字串成段、数字每 3 位一段、英文词带着前导空格
     for sample in ("神经网络通过梯度下降学习参数。", "12345+678=13023", "Hello world!"):
         print(f"  {sample!r}：预分词 {tok._pattern.findall(sample)} -> "
               f"词元 {[tok.token_str(i) for i in tok.encode(sample)]}")
@@ -632,12 +715,15 @@ def demo_speed(project, docs, args):
     except UserError as err:
         print(f"  跳过 GPT-2 对比：{err}")
         return
+    # GPT-2 词表几乎没有跨两个汉字的词元：汉字串被切成单字分别合并，缓存很容易命中
     benchmark(BPETokenizer.from_tiktoken(gpt2), gpt2, text, "GPT-2 词表")
 
 
 def demo_data_and_embeddings(tok, text, args):
     max_length, batch_size, emb_dim = (8, 2, 16) if args.quick else (16, 4, 32)
+    # stride = max_length：窗口首尾相接、互不重叠，每个词元只当一次输入
     loader = create_dataloader(text, tok, batch_size, max_length, stride=max_length, seed=args.seed)
+    # inputs、targets 都是 (batch_size, max_length)
     inputs, targets = next(iter(loader))
     print(f"\n[滑动窗口] 窗口 {max_length}、步长 {max_length}：{len(loader.dataset)} 个样本，"
           f"一批输入 {tuple(inputs.shape)}\n  输入：{tok.decode(inputs[0].tolist())!r}"
@@ -647,11 +733,13 @@ def demo_data_and_embeddings(tok, text, args):
     inputs = inputs.to(device)
     tok_emb = nn.Embedding(tok.n_vocab, emb_dim).to(device)  # 每个词元 id 对应一行可学习的向量
     pos_emb = nn.Embedding(max_length, emb_dim).to(device)   # 每个位置也有一行：注意力不知道先后
+    # 位置嵌入 (max_length, emb_dim) 加到 (batch, max_length, emb_dim) 上，自动广播到每个样本
     x = tok_emb(inputs) + pos_emb(torch.arange(max_length, device=device))  # (batch, 长度, emb_dim)
     print(f"[嵌入] 词元嵌入 {tuple(tok_emb(inputs).shape)} + 位置嵌入 "
           f"{tuple(pos_emb.weight.shape)}（按位置广播）= {tuple(x.shape)}")
     # 查表就是 one-hot 乘权重矩阵：one-hot 只有一个 1，相乘恰好取出那一行；查表省掉了大量乘零
     one_hot = F.one_hot(inputs, tok.n_vocab).float()  # (batch, max_length, vocab)
+    # (batch, max_length, vocab) @ (vocab, emb_dim) -> (batch, max_length, emb_dim)
     same = torch.equal(one_hot @ tok_emb.weight, tok_emb(inputs))
     print(f"  one-hot {tuple(one_hot.shape)} @ 权重 {tuple(tok_emb.weight.shape)} 与查表完全相等：{same}")
 
@@ -691,6 +779,7 @@ def run(args):
     if args.train:
         train_and_save(docs, args.vocab_size, args.out)
         return
+    # 演示按章节顺序：简单分词 -> BPE 训练 -> 项目分词器 -> 速度 -> 数据与嵌入
     text = ENDOFTEXT.join(docs)
     demo_simple_tokenizer(text)
     demo_bpe_training(docs, args.quick)

@@ -50,6 +50,7 @@ QUERY_INDEX = 4  # 以"晒"为例逐步演示：它应该最关注"太阳"
 
 def show(title, tensor, labels=None, digits=2):
     """紧凑地打印一个小张量：一行一个向量，可选地在行首标上词。"""
+    # 任意形状都摊平成 (行数, 最后一维)：一维向量恰好一行，(b, T, d) 就逐行列出
     rows = tensor.detach().float().reshape(-1, tensor.shape[-1]).tolist()
     print(f"  {title}")
     for i, row in enumerate(rows):
@@ -59,6 +60,7 @@ def show(title, tensor, labels=None, digits=2):
 
 def display_pad(text, width):
     """按终端显示宽度补空格：一个汉字占两格。"""
+    # len() 只数字符个数；汉字在终端里占两列（宽度类别 W/F），不这样算中文标签就对不齐
     shown = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
     return text + " " * max(width - shown, 0)
 
@@ -67,23 +69,27 @@ def simple_attention(inputs):
     """一次算完所有词：分数 = X·Xᵀ（两两点积），按行 softmax，再用权重对 X 加权求和。"""
     scores = inputs @ inputs.T            # (num_tokens, num_tokens)
     weights = torch.softmax(scores, dim=-1)
+    # (T, T) @ (T, d) → (T, d)：第 i 行就是第 i 个词的上下文向量
     return scores, weights, weights @ inputs
 
 
 def demo_simple_attention():
     inputs = torch.tensor(EMBEDDINGS)
+    # inputs: (6, 3)，每行一个词向量；query: (3,)，即“晒”的向量
     query = inputs[QUERY_INDEX]
     print(f"句子：{' | '.join(TOKENS)}；以 “{TOKENS[QUERY_INDEX]}” 为查询")
     # 点积越大，两个向量方向越接近，说明这两个词越“相关”
     scores = inputs @ query
     show("注意力分数（与每个词的点积）", scores)
     # softmax 把分数变成和为 1 的正权重；手写版与 torch.softmax 相同
+    # 手写版在分数很大时 exp 会溢出成 inf；torch.softmax 内部先减去最大值，数值更稳
     naive = torch.exp(scores) / torch.exp(scores).sum()
     weights = torch.softmax(scores, dim=0)
     show(f"注意力权重（和={weights.sum():.4f}，手写 softmax 最大差 "
          f"{(naive - weights).abs().max():.1e}）", weights)
     context = weights @ inputs  # 上下文向量 = 所有词向量按权重的加权和
     show("上下文向量", context)
+    # 把上面对一个查询的三步换成矩阵乘法，6 个词同时当查询：第 5 行应与上面逐步算的相同
     _, all_weights, all_context = simple_attention(inputs)
     show("矩阵一次算完：所有词的注意力权重（每行和为 1）", all_weights, TOKENS)
     same = torch.allclose(all_context[QUERY_INDEX], context)
@@ -98,15 +104,19 @@ class SelfAttentionV1(nn.Module):
 
     def __init__(self, d_in, d_out):
         super().__init__()
+        # torch.rand 是 [0, 1) 均匀分布，只为演示；实际训练用 nn.Linear 自带的初始化（见 V2）
         self.W_query = nn.Parameter(torch.rand(d_in, d_out))
         self.W_key = nn.Parameter(torch.rand(d_in, d_out))
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
 
     def forward(self, x):
+        # (num_tokens, d_in) @ (d_in, d_out) → (num_tokens, d_out)，三个投影各算一次
         queries, keys, values = x @ self.W_query, x @ self.W_key, x @ self.W_value
+        # (T, d_out) @ (d_out, T) → (T, T)：第 i 行是第 i 个查询对所有键的分数
         scores = queries @ keys.T
         # 除以 √d_k：让分数的方差不随维度增长，softmax 不至于饱和（见 demo_why_sqrt_dk）
         weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
+        # 加权求和的是值 v 而不是键 k：键只负责“被匹配”，值才是要取走的内容
         return weights @ values
 
 
@@ -120,6 +130,7 @@ class SelfAttentionV2(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
     def forward(self, x):
+        # 输入仍是一句话 (num_tokens, d_in)，所以能用 .T；带批次维后要改成 transpose(1, 2)
         queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
         scores = queries @ keys.T
         weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
@@ -136,15 +147,18 @@ def copy_v2_into_v1(v2, v1):
 def demo_trainable_attention():
     inputs = torch.tensor(EMBEDDINGS)
     sa_v2 = SelfAttentionV2(d_in=3, d_out=2)
+    # 只演示一个查询：q 是 (2,)；所有词的 k、v 各是 (6, 2)
     query = sa_v2.W_query(inputs[QUERY_INDEX])
     keys, values = sa_v2.W_key(inputs), sa_v2.W_value(inputs)
     show(f"“{TOKENS[QUERY_INDEX]}”的查询向量 q（3 维投影到 2 维）", query, digits=3)
+    # (6, 2) @ (2,) → (6,)：每个键得到一个分数
     scores = keys @ query
     show("分数 q·k", scores, digits=3)
     weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
     # 权重还很平均：W 是随机初始化的，"谁和谁相关"要靠训练才学得出来
     show("除以 √d_k 后 softmax 的权重", weights, digits=3)
     show("上下文向量（对 v 加权求和）", weights @ values, digits=3)
+    # V1、V2 是同一个函数的两种写法：只要权重摆法对上，输出只剩 1e-7 级的浮点误差
     sa_v1 = SelfAttentionV1(d_in=3, d_out=2)
     copy_v2_into_v1(sa_v2, sa_v1)
     diff = (sa_v1(inputs) - sa_v2(inputs)).abs().max()
@@ -155,8 +169,10 @@ def demo_why_sqrt_dk(d_k=512, num_keys=6, trials=200):
     # q、k 各分量独立、方差 1 时，q·k 是 d_k 项之和，方差为 d_k；不缩放的话
     # softmax 几乎是 one-hot，梯度接近 0，训练学不动。除以 √d_k 把方差拉回 1。
     q, k = torch.randn(trials, 1, d_k), torch.randn(trials, num_keys, d_k)
+    # (trials, 1, d_k) @ (trials, d_k, num_keys) → (trials, 1, num_keys)，去掉中间的 1
     scores = (q @ k.transpose(1, 2)).squeeze(1)
     for label, s in (("不缩放", scores), ("÷√d_k", scores / math.sqrt(d_k))):
+        # 每行最大权重的平均：越接近 1，softmax 越像 one-hot，说明已经饱和
         top = torch.softmax(s, dim=-1).max(dim=-1).values.mean()
         print(f"  d_k={d_k}，{label}：分数标准差 {s.std():6.2f}，最大权重平均 {top:.3f}")
 
@@ -174,22 +190,27 @@ class CausalAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.dropout = nn.Dropout(dropout)
         # 上三角（不含对角线）为 True 的位置就是"未来"，要被遮住
+        # 按最大长度 context_length 一次建好；布尔类型每个元素只占 1 字节
         mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x):
         num_tokens = x.shape[1]
         queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        # 有批次维：(b, T, d_out) @ (b, d_out, T) → (b, T, T)；.T 会把批次维也翻转，所以用 transpose
         scores = queries @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5
         # 掩码按最大长度建好，按当前长度切出左上角即可
         scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+        # 先 softmax 再 dropout：被丢掉的是“看某个词”的权重，而不是输入本身
         weights = self.dropout(torch.softmax(scores, dim=-1))
+        # (b, T, T) @ (b, T, d_out) → (b, T, d_out)
         return weights @ values
 
 
 def demo_causal_mask():
     inputs = torch.tensor(EMBEDDINGS)
     ca = CausalAttention(d_in=3, d_out=2, context_length=len(TOKENS), dropout=0.0)
+    # 手动重走 forward 的前半段（不带批次维），好把掩码前后的中间结果打印出来
     queries, keys = ca.W_query(inputs), ca.W_key(inputs)
     scores = queries @ keys.T / keys.shape[-1] ** 0.5
     masked = scores.masked_fill(ca.mask, float("-inf"))
@@ -197,9 +218,11 @@ def demo_causal_mask():
     weights = torch.softmax(masked, dim=-1)
     show("因果注意力权重（每个词只看自己和之前的词）", weights, TOKENS)
     # 另一种做法：先对全部分数 softmax，再把未来位置清零、按行重新归一化。数学上相同：
+    # ~mask 把“未来”取反成“可见”；布尔与浮点相乘时 True 当 1、False 当 0
     renorm = torch.softmax(scores, dim=-1) * ~ca.mask
     renorm = renorm / renorm.sum(dim=-1, keepdim=True)
     print(f"  先 softmax 再掩码并重新归一化，与 -inf 掩码最大差：{(renorm - weights).abs().max():.1e}")
+    # 模块要求带批次维：unsqueeze(0) 把 (6, 3) 变成 (1, 6, 3)
     show("CausalAttention 的输出（上下文向量）", ca(inputs.unsqueeze(0)), TOKENS, digits=3)
 
 
@@ -209,8 +232,10 @@ def demo_mask_after_softmax():
     #    数值上仍会影响过去：未来分数很大时，可见位置的 exp 下溢成 0，重新归一化变成 0/0。
     scores = torch.tensor([[2.0, 1.0, 150.0]])  # 第 3 个是"未来"位置，分数极大
     future = torch.tensor([[False, False, True]])
+    # exp(2-150) 在 float32 里下溢成 0：可见的两项全是 0，重新归一化就是 0/0 = nan
     after = torch.softmax(scores, dim=-1).masked_fill(future, 0.0)
     after = after / after.sum(dim=-1, keepdim=True)
+    # 先掩码：未来位置根本不进分母，结果就是 softmax([2, 1]) 补一个 0
     before = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
     print(f"  极端分数 {scores.tolist()[0]}：先 softmax 后掩码 → {after.tolist()[0]}；"
           f"-inf 先掩码 → {[round(v, 4) for v in before.tolist()[0]]}")
@@ -219,6 +244,7 @@ def demo_mask_after_softmax():
 def demo_dropout():
     # dropout 随机把注意力权重置 0，剩下的乘以 1/(1-p)，保证期望不变；只在训练时生效。
     # 它让模型不能总依赖某几个位置（GPT-2 这类大模型预训练时常设为 0 或很小）
+    # 新建的模块默认处于训练模式，所以下面第一次调用时 dropout 会生效
     dropout = nn.Dropout(0.5)
     weights = torch.full((1, 6), 1 / 6)
     show("训练模式 dropout(p=0.5) 作用于均匀权重 1/6：约一半变 0，其余 ×2", dropout(weights))
@@ -258,19 +284,23 @@ class MultiHeadAttentionWrapper(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
         assert d_out % num_heads == 0, "d_out 必须能被 num_heads 整除"
+        # 每个头把 d_in 投影到 head_dim，拼起来正好 d_out：总参数量与一个 d_out 的大头相同
         head_dim = d_out // num_heads
+        # 用 nn.ModuleList 而不是普通 list：各头的参数才会被注册、随 .to() 移动、进 state_dict
         self.heads = nn.ModuleList(
             [CausalAttention(d_in, head_dim, context_length, dropout, qkv_bias)
              for _ in range(num_heads)])
         self.out_proj = nn.Linear(d_out, d_out)
 
     def forward(self, x):
+        # 每个头输出 (b, T, head_dim)，沿最后一维拼成 (b, T, d_out)；各头依次计算，没有并行
         return self.out_proj(torch.cat([head(x) for head in self.heads], dim=-1))
 
     @torch.no_grad()
     def load_from(self, mha):
         """高效版的第 h 个头，就是 W_query 等矩阵输出维度上的第 h 段 head_dim 行。"""
         for h, head in enumerate(self.heads):
+            # nn.Linear 的 weight 是 (d_out, d_in)，输出维在第 0 维，所以按行切
             rows = slice(h * mha.head_dim, (h + 1) * mha.head_dim)
             for name in ("W_query", "W_key", "W_value"):
                 getattr(head, name).weight.copy_(getattr(mha, name).weight[rows])
@@ -287,6 +317,7 @@ class MultiHeadAttention(nn.Module):
         assert d_out % num_heads == 0, "d_out 必须能被 num_heads 整除"
         self.d_out, self.num_heads = d_out, num_heads
         self.head_dim = d_out // num_heads
+        # 不为每个头各建小 Linear：一个 d_in → d_out 的大投影一次算完所有头，输出再按头切开
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -301,10 +332,14 @@ class MultiHeadAttention(nn.Module):
         # (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
         q, k, v = (w(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
                    for w in (self.W_query, self.W_key, self.W_value))
+        # (b, h, T, head_dim) @ (b, h, head_dim, T) → (b, h, T, T)：每个头一张分数表
+        # 按 head_dim 而不是 d_out 缩放：每个头的点积只有 head_dim 项相加
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+        # (T, T) 的掩码自动广播到 (b, h, T, T)：所有句子、所有头共用同一张
         scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
         context = self.dropout(torch.softmax(scores, dim=-1)) @ v
         # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
+        # transpose 之后内存不再连续，view 会报错，所以用 reshape（必要时它会复制一份）
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
         return self.out_proj(context)
 
@@ -323,6 +358,7 @@ def demo_multihead():
     wrapper = MultiHeadAttentionWrapper(3, 4, len(TOKENS), 0.0, num_heads=2)
     mha = MultiHeadAttention(3, 4, len(TOKENS), 0.0, num_heads=2)
     b, t, _ = batch.shape
+    # 手动拆一次头，只为打印形状：(2, 6, 4) → view (2, 6, 2, 2) → transpose (2, 2, 6, 2)
     q = mha.W_query(batch).view(b, t, mha.num_heads, mha.head_dim).transpose(1, 2)
     print(f"  输入 {tuple(batch.shape)} → 拆头后的 q {tuple(q.shape)}"
           f"（b, num_heads, num_tokens, head_dim）→ 输出 {tuple(mha(batch).shape)}")
@@ -340,6 +376,7 @@ def demo_multihead():
 def split_heads(mha, x):
     """用教学版布局的三个线性层算 q、k、v：(b, num_heads, num_tokens, head_dim)。"""
     b, num_tokens, _ = x.shape
+    # view 把 d_out 拆成 (num_heads, head_dim)；transpose 把头提到 T 前面，各头就能批量计算
     return (w(x).view(b, num_tokens, mha.num_heads, mha.head_dim).transpose(1, 2)
             for w in (mha.W_query, mha.W_key, mha.W_value))
 
@@ -347,6 +384,7 @@ def split_heads(mha, x):
 def merge_heads(mha, context):
     """(b, num_heads, num_tokens, head_dim) → (b, num_tokens, d_out)，再做输出投影。"""
     b, _, num_tokens, _ = context.shape
+    # 先把头换回 T 后面，再把 (num_heads, head_dim) 摊平成 d_out；这正是“拼接各头”
     return mha.out_proj(context.transpose(1, 2).reshape(b, num_tokens, mha.d_out))
 
 
@@ -357,6 +395,7 @@ class CombinedQKVAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        # 不继承 MultiHeadAttention：参数布局不同（一个 qkv 而非三个 W），state_dict 对不上
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
@@ -367,6 +406,7 @@ class CombinedQKVAttention(nn.Module):
         b, num_tokens, _ = x.shape
         # (b, T, 3·d_out) -> (b, T, 3, h, head_dim) -> (3, b, h, T, head_dim)
         qkv = self.qkv(x).view(b, num_tokens, 3, self.num_heads, self.head_dim)
+        # unbind(0) 沿第 0 维拆成 3 个视图，不复制数据；各是 (b, h, T, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
@@ -375,6 +415,7 @@ class CombinedQKVAttention(nn.Module):
     @torch.no_grad()
     def load_from(self, mha):
         """合并权重就是把 W_q、W_k、W_v 沿输出维依次摞起来。"""
+        # cat 默认 dim=0 摞成 (3·d_out, d_in)；q、k、v 的先后要与 forward 里 view 的那个 3 一致
         self.qkv.weight.copy_(torch.cat([mha.W_query.weight, mha.W_key.weight,
                                          mha.W_value.weight]))
         if mha.W_query.bias is not None:
@@ -390,15 +431,20 @@ class EinsumAttention(MultiHeadAttention):
         num_tokens = x.shape[1]
 
         def project(linear):  # 把 (d_out, d_in) 的权重看成 (h, d, i)，直接投影出多头
+            # weight (d_out, i) 的前 head_dim 行属于第 0 个头……与 view 拆头的切法一致
             w = linear.weight.view(self.num_heads, self.head_dim, -1)
             out = torch.einsum("bti,hdi->bhtd", x, w)
             bias = linear.bias
+            # 偏置 (d_out,) 摆成 (h, 1, d)，广播到 (b, h, t, d)
             return out if bias is None else out + bias.view(self.num_heads, 1, self.head_dim)
 
         q, k, v = project(self.W_query), project(self.W_key), project(self.W_value)
+        # 对 d 求和：每个头里 q·k，得 (b, h, t, s)
         scores = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+        # 对 s 求和：按权重加权所有值向量，得 (b, h, t, d)
         context = torch.einsum("bhts,bhsd->bhtd", self.dropout(torch.softmax(scores, -1)), v)
+        # 同时对 h 和 d 求和：等价于“拼接各头再乘 out_proj”，合并与投影一步完成
         w_out = self.out_proj.weight.view(self.d_out, self.num_heads, self.head_dim)
         return torch.einsum("bhtd,ohd->bto", context, w_out) + self.out_proj.bias
 
@@ -409,6 +455,7 @@ class SDPAttention(MultiHeadAttention):
 
     def forward(self, x):
         q, k, v = split_heads(self, x)
+        # SDPA 默认按 1/√head_dim 缩放（head_dim 取 q 的最后一维），所以不用自己除
         p = self.dropout.p if self.training else 0.0  # SDPA 自己做 dropout，要手动按模式关掉
         return merge_heads(self, F.scaled_dot_product_attention(q, k, v, dropout_p=p,
                                                                 is_causal=True))
@@ -422,6 +469,7 @@ class SDPAMaskAttention(MultiHeadAttention):
         num_tokens = x.shape[1]
         q, k, v = split_heads(self, x)
         p = self.dropout.p if self.training else 0.0
+        # 给了 attn_mask 就不能再设 is_causal=True（两者同时设置会报错），只能逐元素套用掩码
         allowed = ~self.mask[:num_tokens, :num_tokens]
         return merge_heads(self, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                                                 dropout_p=p))
@@ -436,6 +484,7 @@ class TorchMHA(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
         assert d_in == d_out, "nn.MultiheadAttention 要求输入维 == 输出维"
+        # batch_first=True：输入输出都是 (b, T, E)，与本章其他写法一致（默认是 (T, b, E)）
         self.attn = nn.MultiheadAttention(d_out, num_heads, dropout=dropout, batch_first=True)
         if not qkv_bias:  # 没有 QKV 偏置：把它置 0 并冻结，才与教学版是同一个函数
             nn.init.zeros_(self.attn.in_proj_bias)
@@ -454,9 +503,11 @@ class TorchMHA(nn.Module):
     @torch.no_grad()
     def load_from(self, mha):
         names = ("W_query", "W_key", "W_value")
+        # in_proj_weight 的行顺序固定是 q、k、v，所以按这个顺序拼接
         self.attn.in_proj_weight.copy_(torch.cat([getattr(mha, n).weight for n in names]))
         if mha.W_query.bias is not None:
             self.attn.in_proj_bias.copy_(torch.cat([getattr(mha, n).bias for n in names]))
+        # 它自带的 out_proj 也是 Linear(E, E)（带偏置），与教学版同形状，可直接加载
         self.attn.out_proj.load_state_dict(mha.out_proj.state_dict())
 
 
@@ -475,6 +526,7 @@ class FlexAttentionMHA(MultiHeadAttention):
         if self.training and self.dropout.p > 0:
             raise ValueError("FlexAttention 不支持注意力 dropout，请把 dropout 设为 0")
         q, k, v = split_heads(self, x)
+        # q、k、v 仍是 (b, h, T, head_dim)；缩放同样默认 1/√head_dim
         block_mask = causal_block_mask(x.shape[1], x.device)
         # CUDA 上用 torch.compile 生成融合内核；其他设备只能跑未融合的参考实现
         fn = compiled_flex() if x.device.type == "cuda" else flex_attention
@@ -486,6 +538,7 @@ class FlexAttentionMHA(MultiHeadAttention):
 @functools.lru_cache(maxsize=None)
 def causal_block_mask(num_tokens, device):
     """块掩码只取决于长度和设备：建一次缓存起来，不必每次前向都重算。"""
+    # B=None、H=None：掩码与批次和头无关，所有句子、所有头共用一份
     return create_block_mask(causal_mask_mod, None, None, num_tokens, num_tokens, device=device)
 
 
@@ -513,6 +566,7 @@ def flex_support(device):
     if flex_attention is None:
         return False, f"torch {torch.__version__} 没有 torch.nn.attention.flex_attention（需 ≥ 2.5）"
     try:
+        # 只看 import 成功不够：有的设备/版本能导入却跑不了前向或反向，所以真跑一次
         q = torch.randn(1, 1, 8, 8, device=device, requires_grad=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -527,6 +581,7 @@ def flex_support(device):
 
 def variants_for(device, verbose=True):
     """MHA_VARIANTS 加上 FlexAttention（仅当当前 torch 与设备支持它的前向和反向）。"""
+    # 复制一份再加 flex，不改动全局表 MHA_VARIANTS
     variants = dict(MHA_VARIANTS)
     ok, reason = flex_support(device)
     if ok:
@@ -537,6 +592,8 @@ def variants_for(device, verbose=True):
 
 
 def demo_variants_agree(variants, device, d=64, num_heads=4, num_tokens=16):
+    # qkv_bias=True：连偏置一起核对，检查各 load_from 没把偏置搬错
+    # dropout=0 且 eval()：去掉随机性，差值只剩浮点误差
     base = MultiHeadAttention(d, d, num_tokens, 0.0, num_heads, qkv_bias=True).to(device).eval()
     x = torch.randn(2, num_tokens, d, device=device)
     with torch.no_grad():
@@ -560,6 +617,7 @@ BENCH_SIZES = {
     # 默认选长序列、窄模型（头维度仍是 GPT-2 的 64）：注意力的 T² 部分占大头而不是线性投影，
     # 融合内核的优势才是真实可见的；序列短时各写法都被投影和调用开销淹没，排名只剩噪声
     "default": dict(batch=1, num_tokens=2048, emb_dim=128, num_heads=2, warmup=1, repeats=5),
+    # bench 是 GPT-2 small 的注意力形状：768 维、12 头、长度 1024
     "bench": dict(batch=8, num_tokens=1024, emb_dim=768, num_heads=12, warmup=2, repeats=5),
 }
 
@@ -571,6 +629,7 @@ def sync(device):
 
 def timed_call(fn, device):
     """运行一次 fn，返回耗时（秒）。"""
+    # 前一次 sync 让之前排队的运算不算进来；后一次 sync 等本次真正算完再停表
     sync(device)
     start = time.perf_counter()
     fn()
@@ -581,7 +640,9 @@ def timed_call(fn, device):
 def bench_closures(cls, size, device):
     """为一个变体准备两个待计时的函数：前向（no_grad，推理时不必为反向保存中间结果）、前向+反向。"""
     d = size["emb_dim"]
+    # dropout=0 且 eval()：计时不含随机丢弃，各变体做完全相同的计算
     model = cls(d, d, size["num_tokens"], 0.0, size["num_heads"]).to(device).eval()
+    # requires_grad=True：反向时也算对输入的梯度，就像注意力层位于模型中间
     x = torch.randn(size["batch"], size["num_tokens"], d, device=device, requires_grad=True)
 
     def forward():
@@ -589,6 +650,7 @@ def bench_closures(cls, size, device):
             model(x)
 
     def forward_backward():
+        # 每轮先清掉梯度，否则 backward 会累加到上一轮上；set_to_none 直接丢弃，连清零都省了
         model.zero_grad(set_to_none=True)
         x.grad = None
         model(x).sum().backward()
@@ -617,6 +679,7 @@ def run_benchmark(variants, size, device):
           f"{size['num_heads']} 头，{device.type}，{torch.get_num_threads()} 线程，"
           f"预热 {size['warmup']} 轮后取 {size['repeats']} 轮的中位数")
     results = measure(variants, size, device)
+    # “相对最慢” = 最慢耗时 / 本变体耗时：数字越大越快，最慢的那个是 1.00×
     slowest = [max(r[i] for r in results.values()) for i in range(2)]
     print("  " + display_pad("变体", 16) + display_pad("前向 ms", 12) + display_pad("相对最慢", 10)
           + display_pad("前向+反向 ms", 14) + "相对最慢")
@@ -643,6 +706,7 @@ def resolve_device(name):
 
 def build_parser():
     parser = argparse.ArgumentParser(description="从零编写注意力机制：逐步演示并对比各种实现的速度")
+    # 两个尺寸开关互斥：同时给 --quick 和 --bench-size 时 argparse 直接报错
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true", help="冒烟模式：极小的基准，几秒内跑完")
     sizes.add_argument("--bench-size", action="store_true",
@@ -659,6 +723,7 @@ def section(title):
 
 def run(args):
     device = resolve_device(args.device)
+    # 固定种子：随机初始化的权重和输入每次都一样，打印出的数字可复现
     torch.manual_seed(args.seed)
     section("1. 不带权重的简化自注意力")
     demo_simple_attention()
@@ -684,8 +749,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
+    # 只捕获 UserError：用户能自己改正的错误打印一行中文；其他异常照常抛出，方便排错
     except UserError as err:
         print(f"错误：{err}", file=sys.stderr)
+        # 状态码 2 与 argparse 的参数错误一致
         sys.exit(2)
 
 
