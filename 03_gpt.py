@@ -86,7 +86,10 @@ def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
 # ===== 2. 模型配置 =====
 # 所有脚本用同一组键名。GPT-2 四种尺寸的数字是公开事实：词表 50257、上下文 1024、
 # Q/K/V 投影带偏置；四者只差在宽度 emb_dim、头数 n_heads 和层数 n_layers。
+# 四种 GPT-2 的 head_dim = emb_dim / n_heads 都是 64：变宽时加头数，而不是加宽每个头
+# drop_rate 是训练时的值；推理时 model.eval() 会让所有 Dropout 失效
 GPT_CONFIGS = {
+    # tiny 的参数大多在词嵌入上：50257×128 ≈ 643 万，4 个块加起来才约 79 万
     "tiny": {"vocab_size": 50257, "context_length": 128, "emb_dim": 128, "n_heads": 4,
              "n_layers": 4, "drop_rate": 0.0, "qkv_bias": True},  # CPU 上几秒就能跑的玩具尺寸
     "gpt2-small": {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
@@ -99,6 +102,7 @@ GPT_CONFIGS = {
                 "n_layers": 48, "drop_rate": 0.1, "qkv_bias": True},  # 1558M
 }
 # --init 接受的名字 → Hugging Face 上的仓库；下载的文件缓存在脚本旁的 models/（已被 git 忽略）
+# 注意 124M 的那个在 HF 上就叫 gpt2，没有 -small 后缀
 HF_REPOS = {name: f"openai-community/{name}"
             for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -156,14 +160,17 @@ def demo_blocks():
     torch.manual_seed(0)
     x = torch.randn(2, 6) * 3 + 5  # 故意让输入偏离 0、尺度很大
     out = LayerNorm(6)(x)
+    # 与 PyTorch 自带实现对照：差在 1e-7 量级，说明公式写对了
     diff = (out - nn.LayerNorm(6)(x)).abs().max().item()
     print(f"LayerNorm 前每行 均值/方差：{mean_var(x)}")
     print(f"LayerNorm 后每行 均值/方差：{mean_var(out)}（与 torch.nn.LayerNorm 最大差 {diff:.1e}）")
+    # 在几个典型输入上并排比较三种激活，重点看负半轴
     xs = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
     rows = {"x": xs, "gelu_tanh": GELU()(xs), "gelu_exact": F.gelu(xs), "relu": torch.relu(xs)}
     for name, ys in rows.items():
         print(f"  {name:<11}" + "".join(f"{v:8.4f}" for v in ys.tolist()))
     # GELU 在负半轴留了一点斜率（ReLU 一刀切成 0），所以负输入的神经元也能收到梯度
+    # 近似版与精确版差得极小；但 GPT-2 的权重是按 tanh 版训练的，加载它时最好用同一个
     grid = torch.linspace(-6, 6, 2001)
     gap = (GELU()(grid) - F.gelu(grid)).abs().max().item()
     print(f"GELU 的 tanh 近似与精确（erf）版在 [-6, 6] 上最大只差 {gap:.1e}")
@@ -180,11 +187,13 @@ class DeepMLP(nn.Module):
         self.use_shortcut = use_shortcut
         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width, width), GELU())
                                     for _ in range(depth))
+        # 压成一个标量输出，方便随手造个损失来反向传播
         self.head = nn.Linear(width, 1)
 
     def forward(self, x):
         for layer in self.layers:
             # 有捷径时，梯度能沿"+ x"这条恒等路径原样流回底层，不必一层层穿过权重被缩小
+            # x: (batch, width)；每层输入输出同宽，x + layer(x) 才能逐元素相加
             x = x + layer(x) if self.use_shortcut else layer(x)
         return self.head(x)
 
@@ -197,7 +206,9 @@ def demo_shortcut(depth=10):
     for use_shortcut, label in ((False, "无捷径"), (True, "有捷径")):
         torch.manual_seed(0)  # 两个网络的初始权重和输入相同，差别只来自捷径
         model = DeepMLP(width=16, depth=depth, use_shortcut=use_shortcut)
+        # 损失随便取（输出平方的均值）：这里不训练，只为拿到每层的梯度
         model(torch.randn(8, 16)).pow(2).mean().backward()
+        # layer[0] 是每层的 Linear；底层/顶层的比值越接近 1，梯度在途中衰减得越少
         grads = [layer[0].weight.grad.abs().mean().item() for layer in model.layers]
         print(f"  {label}：{' '.join(f'{g:.0e}' for g in grads)}"
               f"   底层/顶层 = {grads[0] / grads[-1]:.1e}")
@@ -298,6 +309,7 @@ class GPTModel(nn.Module):
 
 
 # ===== 6. 模型有多大、算一次要多少 =====
+# 参数量决定要多少内存，FLOPs 决定要算多久：先在 meta 设备上数出来，再实测本机算力
 
 
 def build_on_meta(cfg):
@@ -309,6 +321,7 @@ def build_on_meta(cfg):
 def count_params(model):
     """返回 (输出头单独一份时的参数量, 输出头与词嵌入共享时的参数量)。"""
     total = sum(p.numel() for p in model.parameters())  # 共享的参数对象只数一次
+    # 共享与否只差输出头这一个 vocab×emb 矩阵：已共享就加回它，没共享就减去它
     head = model.out_head.weight.numel()
     if model.out_head.weight is model.tok_emb.weight:
         return total + head, total
@@ -319,6 +332,7 @@ def forward_flops_per_token(model):
     """前向传播每个词元的 FLOPs（上下文取满 T 个词元）。"""
     cfg = model.cfg
     # 矩阵乘：每个权重对每个词元做一次乘加 = 2 FLOPs（嵌入只是查表，不算）
+    # 输出头 out_head 也是 Linear：gpt2-small 里它约占全部矩阵乘参数的 3 成
     linear = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     # 注意力本身：q·Kᵀ 与 权重·V 每层各 2·T·d；因果掩码下平均只看一半位置 → 2·层数·T·d
     return linear + 2 * cfg["n_layers"] * cfg["context_length"] * cfg["emb_dim"]
@@ -332,13 +346,16 @@ def sync(device):
 def time_matmul(device, dtype, n, reps):
     """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    # 取最快而不是平均：慢的那几次多半被预热、别的进程或频率爬升拖慢了
     best = float("inf")
     for _ in range(reps):
         sync(device)
         start = time.perf_counter()
+        # 结果不用保存；在 GPU 上这一行只是把内核排进队列，真正的等待发生在 sync 里
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - start)
+    # n×n 乘 n×n：n² 个输出元素，每个要 n 次乘加 = 2n³ FLOPs
     return 2 * n ** 3 / best
 
 
@@ -349,6 +366,8 @@ def measure_matmul_peak(device, dtype, seconds=0.05):
     n = 256
     for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
         rate = time_matmul(device, dtype, n, reps=3)
+        # 单次耗时 = 2n³ / rate，令它等于 seconds 反解出 n；
+        # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
         n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
     return time_matmul(device, dtype, n, reps=5), n
 
@@ -359,6 +378,7 @@ def print_size_table():
     print(f"{'配置':<11}{'参数(不共享)':>11}{'参数(共享)':>12}{'fp32 MB':>9}{'bf16 MB':>9}"
           f"{'前向 GFLOPs/词元':>14}")
     for name, cfg in GPT_CONFIGS.items():
+        # 在 meta 上建模型只为数参数、算 FLOPs：xl 的 15 亿个参数也是瞬间建好
         model = build_on_meta(cfg)
         untied, tied = count_params(model)
         # 真实的 GPT-2 共享输出头，所以内存按共享后的参数量算：fp32 每个 4 字节，bf16 每个 2 字节
@@ -367,6 +387,7 @@ def print_size_table():
               f"{forward_flops_per_token(model) / 1e9:>18.3f}")
     cfg = GPT_CONFIGS["gpt2-small"]
     untied, tied = count_params(build_on_meta(cfg))
+    # 再数一个不带 Q/K/V 偏置的版本：网上流传的 GPT-2 参数量多半是这样数的
     bare_untied, bare_tied = count_params(build_on_meta(dict(cfg, qkv_bias=False)))
     print(f"gpt2-small 两种数法相差 {untied - tied:,} = 词表 {cfg['vocab_size']} × 宽度 "
           f"{cfg['emb_dim']}：正是输出头那个矩阵。")
@@ -377,14 +398,17 @@ def print_size_table():
 def print_epoch_estimate(device, quick):
     # 训练一个词元 ≈ 前向 1 份 + 反向 2 份（对激活、对权重各求一次梯度）= 3 × 前向
     train_flops = 3 * forward_flops_per_token(build_on_meta(GPT_CONFIGS["gpt2-small"]))
+    # 40% 是经验值：真实训练还有注意力、归一化、数据搬运等达不到峰值的开销
     epoch_tokens, utilisation = 10**9, 0.4  # 假设：一轮 10 亿个词元，只用到峰值的 40%
     print(f"本机（{device.type}）矩阵乘峰值，由几次大矩阵乘实测、取最快：")
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         try:
+            # 有的设备或 torch 版本不支持 bf16 矩阵乘：只跳过这一行，不让整个脚本退出
             peak, n = measure_matmul_peak(device, dtype, 0.02 if quick else 0.1)
         except RuntimeError as err:
             print(f"  {label}：此设备不支持（{err}）")
             continue
+        # 时间 = 总算力需求（词元数 × 每词元训练 FLOPs）÷ 实际吞吐（峰值 × 利用率）
         hours = epoch_tokens * train_flops / (peak * utilisation) / 3600
         print(f"  {label}（{n}×{n}）：{peak / 1e9:,.1f} GFLOP/s → 以峰值的 {utilisation:.0%} "
               f"训练 gpt2-small 一轮 {epoch_tokens:.0e} 个词元约 {hours:,.1f} 小时"
@@ -392,6 +416,7 @@ def print_epoch_estimate(device, quick):
 
 
 # ===== 7. 文本生成：贪心、温度、top-k、top-p =====
+# 模型每步只给出下一个词的分数（logits）；怎样从分数里挑词是解码策略，与模型本身无关
 
 
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
@@ -427,15 +452,18 @@ class FixedLogitsModel(nn.Module):
 
     def __init__(self, logits):
         super().__init__()
+        # 注册成 buffer：随 .to(device) 一起移动，但不是要学习的参数
         self.register_buffer("logits", logits)
 
     def forward(self, idx):
+        # expand 不复制数据：把 (vocab_size,) 的 logits 广播成每个位置一份
         return self.logits.expand(idx.shape[0], idx.shape[1], -1)  # (b, seq_len, vocab_size)
 
 
 def demo_sampling(seed, samples=4000):
     # 贪心每次都选最可能的词，文字容易原地打转；采样则按概率抽，温度、top-k、top-p 控制抽得多"大胆"
     probs = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
+    # 取对数当 logits：softmax(log p) = p，所以温度 1 时的采样分布正好是 probs
     model = FixedLogitsModel(probs.log())
     start = torch.zeros(samples, 1, dtype=torch.long)  # 一批 samples 行：一次并行抽这么多个词
     # 温度 < 1 让分布更尖、> 1 更平；top-k / top-p 直接排除长尾里的低概率词
@@ -444,9 +472,12 @@ def demo_sampling(seed, samples=4000):
                 "top-p 0.7": {"temperature": 1.0, "top_p": 0.7}}
     print(" ".join(f"{p:6.2f}" for p in probs.tolist()) + "   ← 6 个候选词的真实概率")
     print(f"各种策略各抽 {samples} 次，每个词被抽中的频率：")
+    # 固定种子：每次运行打印的频率都相同，便于对照讲解
     torch.manual_seed(seed)
     for label, kwargs in settings.items():
+        # 每行只生成 1 个词，[:, -1] 取出这个新词：(samples,)
         picked = generate(model, start, 1, context_size=1, **kwargs)[:, -1]
+        # bincount 数每个 id 出现几次；minlength 让一次也没抽中的词也占一列
         freq = torch.bincount(picked, minlength=len(probs)) / samples
         print(" ".join(f"{v:6.2f}" for v in freq.tolist()) + f"   ← {label}")
 
@@ -456,11 +487,14 @@ def generate_text(model, tok, prompt, args, device):
     # <|endoftext|> 在训练数据里分隔文档：生成到它说明模型认为"这篇写完了"，该停了
     eos_id = (tok.encode_single_token("<|endoftext|>")
               if "<|endoftext|>" in tok.special_tokens_set else None)
+    # allowed_special="all"：提示词里写的 <|endoftext|> 编成特殊词元；
+    # tiktoken 默认会把它当成误输入而报错
     ids = tok.encode(prompt, allowed_special="all") if prompt else []
     if not ids:  # 空提示：像 GPT-2 的无条件生成那样，从文档分隔符开始
         if eos_id is None:
             raise UserError("提示词为空，而分词器没有 <|endoftext|> 可以作为开头")
         ids = [eos_id]
+    # (1, 提示词长度)：模型要求有 batch 维，这里 batch 为 1
     idx = torch.tensor([ids], device=device)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     for label, kwargs in (("贪心", {}), (f"采样 {sampling}", sampling)):
@@ -468,14 +502,18 @@ def generate_text(model, tok, prompt, args, device):
         start = time.perf_counter()
         out = generate(model, idx, args.max_new_tokens, model.cfg["context_length"],
                        eos_id=eos_id, **kwargs)
+        # 停表前先同步：GPU 异步执行，不等它算完测到的只是排队时间
         sync(device)
+        # 遇到结束符会提前停，所以新词元数可能少于 max_new_tokens
         new = out.shape[1] - idx.shape[1]
         speed = new / (time.perf_counter() - start)
+        # 把换行显示成 ⏎，一段生成结果只占一行，方便对比
         text = tok.decode(out[0].tolist()).replace("\n", "⏎")
         print(f"[{label}] {text}\n    （{new} 个新词元，{speed:.1f} 词元/秒）")
 
 
 # ===== 8. 从 Hugging Face 下载文件（只用标准库 urllib） =====
+# 权重文件动辄几百 MB 到几 GB：要能断点续传，也绝不能让半截文件冒充完整文件
 
 
 def _total_size(headers, have):
@@ -490,11 +528,13 @@ def _total_size(headers, have):
 
 def _copy_with_progress(response, out, done, total, name):
     shown = None
+    # 每次读 1 MB 就写盘：文件可能有几 GB，不能整个读进内存
     while chunk := response.read(1 << 20):
         out.write(chunk)
         done += len(chunk)
         text = f"{100 * done // total}% / {total / 2**20:.0f} MB" if total else f"{done >> 20} MB"
         if text != shown:  # 变了才刷新，免得刷屏
+            # \r 回到行首覆盖上一次的进度，不换行；flush 让进度立刻显示出来
             print(f"\r  下载 {name}：{text}", end="", flush=True)
             shown = text
     print()
@@ -509,6 +549,7 @@ def _fetch_into(url, part):
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
+        # timeout 只限制单次等待（连接、每次读），防止网络卡住时永远挂着
         response = urllib.request.urlopen(request, timeout=30)
     except urllib.error.HTTPError as err:
         if err.code != 416 or not have:
@@ -528,11 +569,13 @@ def download_hf_file(repo_id, filename, dest_dir):
     """下载 HF 仓库里的一个文件到 dest_dir，返回本地路径；已经下载过就直接用。
     数据先写进 filename.part，大小核对无误才改成正式文件名——所以正式文件永远是完整的。"""
     dest = Path(dest_dir) / filename
+    # 正式文件只会由末尾的原子改名产生，所以存在即完整，不必再校验
     if dest.is_file():
         return dest
     part = dest.with_name(dest.name + ".part")
     # HF_ENDPOINT 可换成镜像，例如国内常用的 https://hf-mirror.com；路径格式与官方相同
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    # resolve/main/ 表示取 main 分支上的版本，这是 HF 下载单个文件的固定路径格式
     url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
     try:
         total = _fetch_into(url, part)
@@ -544,6 +587,7 @@ def download_hf_file(repo_id, filename, dest_dir):
             f"无法下载 {url}（{err}）。网络不通时可以：设置镜像，如 "
             "export HF_ENDPOINT=https://hf-mirror.com 后重试（已下载的部分会续传）；或在别处下载好 "
             "config.json 和 model.safetensors 放进一个目录，再用 --init 该目录。") from None
+    # 这一步必不可少：连接被对方提前关闭时，read() 只会返回空字节而不报错
     if total is not None and part.stat().st_size != total:
         raise UserError(f"{filename} 只下载了 {part.stat().st_size}/{total} 字节，"
                         "连接中途断开；重新运行会从断点续传")
@@ -581,6 +625,7 @@ def _check_entries(header, data_size, path):
     for name, info in header.items():
         if name == "__metadata__":  # 自由填写的附加信息，不是张量
             continue
+        # 头来自文件、不可信：每个字段先查类型再用，坏文件得到一句中文说明，而不是奇怪的异常
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
         if dtype is None:
             raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
@@ -589,9 +634,11 @@ def _check_entries(header, data_size, path):
             raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
         if offsets[1] > data_size:
             raise _bad(path, f"张量 {name} 的数据超出了文件末尾（{offsets[1]} > {data_size}）")
+        # 字节数必须恰好等于 元素个数 × 每个元素的字节数，否则张量会读错位
         if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
             raise _bad(path, f"张量 {name} 的字节数与形状 {shape} × {info['dtype']} 对不上")
         entries.append((offsets[0], offsets[1], name, dtype, shape))
+    # 按起点排好序后，只需比较相邻两项就能查出任何重叠
     entries.sort(key=lambda e: e[:2])
     for prev, cur in zip(entries, entries[1:]):
         if cur[0] < prev[1]:
@@ -615,6 +662,7 @@ def read_safetensors(path):
             header = json.loads(f.read(header_len).decode("utf-8"))
         except ValueError as err:
             raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
+        # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
         data_start = 8 + header_len
         entries = _check_entries(header, file_size - data_start, path)
         # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
@@ -625,6 +673,7 @@ def read_safetensors(path):
         if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
+            # 映射的是整个文件，offset 要从文件开头算，所以加上 data_start；reshape 也只是视图
             tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
                                              offset=data_start + begin).reshape(shape)
     return tensors
@@ -656,12 +705,15 @@ def gpt2_config_from_hf(conf, folder):
                "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
     except (KeyError, TypeError) as err:
         raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
+    # 逐条排除 GPTModel 表达不了的变体：别的激活函数、FFN 宽度不是 4 倍、
+    # 注意力分数按层号额外缩放、或者不除以 √head_dim
     if (conf.get("model_type", "gpt2") != "gpt2"
             or conf.get("activation_function", "gelu_new") not in TANH_GELU_NAMES
             or conf.get("n_inner") not in (None, 4 * cfg["emb_dim"])
             or conf.get("scale_attn_by_inverse_layer_idx")
             or not conf.get("scale_attn_weights", True)):
         raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
+    # eps 不是参数，不在权重文件里，只能从 config 读；GPT-2 用的是 1e-5
     return cfg, conf.get("layer_norm_epsilon", 1e-5)
 
 
@@ -669,6 +721,7 @@ def read_weight_folder(folder):
     """读目录里的全部权重：大模型常被切成多个分片，由 model.safetensors.index.json 列出。"""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
+        # weight_map 是 {参数名: 分片文件名}：许多参数在同一个分片里，所以去重
         files = sorted(set((read_json(index).get("weight_map") or {}).values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -676,6 +729,7 @@ def read_weight_folder(folder):
         raise UserError(f"{folder} 里没有 *.safetensors 权重文件")
     weights = {}
     for name in files:
+        # 每个分片都只是内存映射，合并进一个字典也不复制数据
         weights.update(read_safetensors(folder / name))
     return weights
 
@@ -688,10 +742,13 @@ def map_block(take, src, dst):
     biases = take(f"{src}attn.c_attn.bias").chunk(3)
     for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
         state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
+    # 其余三个 Conv1D 同样要转置：注意力的输出投影，前馈网络的升维 c_fc 与降维 c_proj
+    # （我们的 ff.layers.0 / layers.2；layers.1 是没有参数的 GELU）
     for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
                           ("mlp.c_proj", "ff.layers.2")):
         state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
         state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
+    # ln_1 在注意力之前、ln_2 在前馈之前，对应 Pre-LN 块里的 norm1 / norm2
     for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
         state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
         state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
@@ -706,6 +763,7 @@ def map_hf_to_ours(hf, n_layers, folder):
     def take(key):
         if key not in hf:
             raise UserError(f"{folder} 的权重里缺少 {key}")
+        # 半精度（fp16/bf16）的文件在这里转成 fp32；本来就是 fp32 的直接用原张量，不复制
         return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
 
     state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
@@ -719,6 +777,7 @@ def map_hf_to_ours(hf, n_layers, folder):
 
 
 def resolve_gpt2_dir(name_or_dir):
+    # 先认模型名、再认本地目录：当前目录下恰好有个叫 gpt2 的文件夹时，仍按模型名下载
     if name_or_dir in HF_REPOS:
         folder = MODELS_DIR / name_or_dir
         for filename in ("config.json", "model.safetensors"):
@@ -753,12 +812,14 @@ def load_gpt2_hf(name_or_dir):
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             module.mask = mask
+        # eps 也不在 state_dict 里：按 config 逐层设置
         elif isinstance(module, LayerNorm):
             module.eps = eps
     return model.eval(), cfg
 
 
 # ===== 11. 主程序 =====
+# 流程：解析参数 → 检查参数 → 按 --init 分派：随机模型的逐节演示，或加载真正的 GPT-2
 
 
 # 复制自 02_attention.py
@@ -775,6 +836,8 @@ def resolve_device(name):
 
 
 def check_args(args):
+    # 在建模型、下载权重之前就检查参数：错了立刻给出中文提示，不白等
+    # --model 只在随机初始化时有用；加载 GPT-2 时结构由 config.json 决定
     if args.init == "random" and args.model not in GPT_CONFIGS:
         raise UserError(f"未知模型配置 {args.model!r}：可选 {'、'.join(GPT_CONFIGS)}")
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1 or not 0 < args.top_p <= 1:
@@ -783,6 +846,7 @@ def check_args(args):
 
 def pick_tokenizer():
     """随机模型的演示优先用项目自己的分词器（词表小、对中文友好）；还没有就退回 GPT-2 的。"""
+    # 默认提示词跟着分词器换：项目分词器对中文友好，GPT-2 的词表主要为英文而建
     if (DATA_DIR / "tokenizer.json").is_file():
         return load_project_tokenizer(), "项目分词器", "从前有一台计算机"
     return get_gpt2_tokenizer(), "GPT-2 分词器", "Every effort moves you"
@@ -801,9 +865,12 @@ def run_random(args, device):
     print("\n== 5. 用随机权重生成 ==")
     tok, tok_name, default_prompt = pick_tokenizer()
     torch.manual_seed(args.seed)
+    # 输出头和词嵌入的行数都等于 vocab_size：换小词表后参数量会明显变少
     cfg = dict(GPT_CONFIGS[args.model], vocab_size=tok.n_vocab)  # 词表大小跟着分词器走
     start = time.perf_counter()
+    # 计时包括随机初始化：要为上亿个参数逐个抽随机数，CPU 上也要花点时间
     model = GPTModel(cfg).to(device).eval()
+    # [0]：我们随机初始化的模型里，输出头是独立的一份，不与词嵌入共享
     print(f"{args.model}（词表换成{tok_name}的 {tok.n_vocab}）：{count_params(model)[0]:,} 个参数，"
           f"随机初始化用时 {time.perf_counter() - start:.1f} 秒")
     generate_text(model, tok, default_prompt if args.prompt is None else args.prompt, args, device)
@@ -814,10 +881,12 @@ def run_random(args, device):
 def run_pretrained(args, device):
     start = time.perf_counter()
     model, cfg = load_gpt2_hf(args.init)
+    # 而 GPT-2 的输出头与词嵌入是同一个矩阵，所以用 [1]：共享的参数只数一次
     print(f"已加载 {args.init}：{cfg['n_layers']} 层、宽 {cfg['emb_dim']}、"
           f"{count_params(model)[1]:,} 个参数（输出头与词嵌入共享），"
           f"用时 {time.perf_counter() - start:.1f} 秒")
     prompt = "Every effort moves you" if args.prompt is None else args.prompt
+    # 权重先在 CPU 上经内存映射加载，生成前再整体搬到目标设备
     generate_text(model.to(device), get_gpt2_tokenizer(), prompt, args, device)
 
 
@@ -826,6 +895,7 @@ def build_parser():
     parser.add_argument("--init", default="random",
                         help="random=随机初始化（默认）；gpt2 / gpt2-medium / gpt2-large / gpt2-xl"
                              "=下载 GPT-2 权重；或一个含 config.json 和 *.safetensors 的本地目录")
+    # 默认 None 表示"由 --quick 决定"，在 run() 里再填具体值
     parser.add_argument("--model", default=None,
                         help=f"随机初始化时的模型配置：{' / '.join(GPT_CONFIGS)}"
                              "（默认 gpt2-small，--quick 时 tiny）")
@@ -845,6 +915,7 @@ def build_parser():
 
 
 def run(args):
+    # --quick 只改默认值：用户显式给出的 --model / --max-new-tokens 仍然优先
     if args.model is None:
         args.model = "tiny" if args.quick else "gpt2-small"
     if args.max_new_tokens is None:
@@ -861,6 +932,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
+    # 只接住预料中的用户错误；其他异常保留完整回溯，方便发现真正的 bug
     except UserError as err:
         print(f"错误：{err}", file=sys.stderr)
         sys.exit(2)

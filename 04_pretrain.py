@@ -268,13 +268,16 @@ def sync(device):
 def time_matmul(device, dtype, n, reps):
     """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    # 取最快而不是平均：慢的那几次多半被预热、别的进程或频率爬升拖慢了
     best = float("inf")
     for _ in range(reps):
         sync(device)
         start = time.perf_counter()
+        # 结果不用保存；在 GPU 上这一行只是把内核排进队列，真正的等待发生在 sync 里
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - start)
+    # n×n 乘 n×n：n² 个输出元素，每个要 n 次乘加 = 2n³ FLOPs
     return 2 * n ** 3 / best
 
 
@@ -285,6 +288,8 @@ def measure_matmul_peak(device, dtype, seconds=0.05):
     n = 256
     for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
         rate = time_matmul(device, dtype, n, reps=3)
+        # 单次耗时 = 2n³ / rate，令它等于 seconds 反解出 n；
+        # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
         n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
     return time_matmul(device, dtype, n, reps=5), n
 
@@ -303,6 +308,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
 # —— 从 Hugging Face 下载文件（只用标准库 urllib） ——
+# 权重文件动辄几百 MB 到几 GB：要能断点续传，也绝不能让半截文件冒充完整文件
 
 
 def _total_size(headers, have):
@@ -317,11 +323,13 @@ def _total_size(headers, have):
 
 def _copy_with_progress(response, out, done, total, name):
     shown = None
+    # 每次读 1 MB 就写盘：文件可能有几 GB，不能整个读进内存
     while chunk := response.read(1 << 20):
         out.write(chunk)
         done += len(chunk)
         text = f"{100 * done // total}% / {total / 2**20:.0f} MB" if total else f"{done >> 20} MB"
         if text != shown:  # 变了才刷新，免得刷屏
+            # \r 回到行首覆盖上一次的进度，不换行；flush 让进度立刻显示出来
             print(f"\r  下载 {name}：{text}", end="", flush=True)
             shown = text
     print()
@@ -336,6 +344,7 @@ def _fetch_into(url, part):
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
+        # timeout 只限制单次等待（连接、每次读），防止网络卡住时永远挂着
         response = urllib.request.urlopen(request, timeout=30)
     except urllib.error.HTTPError as err:
         if err.code != 416 or not have:
@@ -355,11 +364,13 @@ def download_hf_file(repo_id, filename, dest_dir):
     """下载 HF 仓库里的一个文件到 dest_dir，返回本地路径；已经下载过就直接用。
     数据先写进 filename.part，大小核对无误才改成正式文件名——所以正式文件永远是完整的。"""
     dest = Path(dest_dir) / filename
+    # 正式文件只会由末尾的原子改名产生，所以存在即完整，不必再校验
     if dest.is_file():
         return dest
     part = dest.with_name(dest.name + ".part")
     # HF_ENDPOINT 可换成镜像，例如国内常用的 https://hf-mirror.com；路径格式与官方相同
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    # resolve/main/ 表示取 main 分支上的版本，这是 HF 下载单个文件的固定路径格式
     url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
     try:
         total = _fetch_into(url, part)
@@ -371,6 +382,7 @@ def download_hf_file(repo_id, filename, dest_dir):
             f"无法下载 {url}（{err}）。网络不通时可以：设置镜像，如 "
             "export HF_ENDPOINT=https://hf-mirror.com 后重试（已下载的部分会续传）；或在别处下载好 "
             "config.json 和 model.safetensors 放进一个目录，再用 --init 该目录。") from None
+    # 这一步必不可少：连接被对方提前关闭时，read() 只会返回空字节而不报错
     if total is not None and part.stat().st_size != total:
         raise UserError(f"{filename} 只下载了 {part.stat().st_size}/{total} 字节，"
                         "连接中途断开；重新运行会从断点续传")
@@ -408,6 +420,7 @@ def _check_entries(header, data_size, path):
     for name, info in header.items():
         if name == "__metadata__":  # 自由填写的附加信息，不是张量
             continue
+        # 头来自文件、不可信：每个字段先查类型再用，坏文件得到一句中文说明，而不是奇怪的异常
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
         if dtype is None:
             raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
@@ -416,9 +429,11 @@ def _check_entries(header, data_size, path):
             raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
         if offsets[1] > data_size:
             raise _bad(path, f"张量 {name} 的数据超出了文件末尾（{offsets[1]} > {data_size}）")
+        # 字节数必须恰好等于 元素个数 × 每个元素的字节数，否则张量会读错位
         if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
             raise _bad(path, f"张量 {name} 的字节数与形状 {shape} × {info['dtype']} 对不上")
         entries.append((offsets[0], offsets[1], name, dtype, shape))
+    # 按起点排好序后，只需比较相邻两项就能查出任何重叠
     entries.sort(key=lambda e: e[:2])
     for prev, cur in zip(entries, entries[1:]):
         if cur[0] < prev[1]:
@@ -442,6 +457,7 @@ def read_safetensors(path):
             header = json.loads(f.read(header_len).decode("utf-8"))
         except ValueError as err:
             raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
+        # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
         data_start = 8 + header_len
         entries = _check_entries(header, file_size - data_start, path)
         # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
@@ -452,6 +468,7 @@ def read_safetensors(path):
         if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
+            # 映射的是整个文件，offset 要从文件开头算，所以加上 data_start；reshape 也只是视图
             tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
                                              offset=data_start + begin).reshape(shape)
     return tensors
@@ -483,12 +500,15 @@ def gpt2_config_from_hf(conf, folder):
                "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
     except (KeyError, TypeError) as err:
         raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
+    # 逐条排除 GPTModel 表达不了的变体：别的激活函数、FFN 宽度不是 4 倍、
+    # 注意力分数按层号额外缩放、或者不除以 √head_dim
     if (conf.get("model_type", "gpt2") != "gpt2"
             or conf.get("activation_function", "gelu_new") not in TANH_GELU_NAMES
             or conf.get("n_inner") not in (None, 4 * cfg["emb_dim"])
             or conf.get("scale_attn_by_inverse_layer_idx")
             or not conf.get("scale_attn_weights", True)):
         raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
+    # eps 不是参数，不在权重文件里，只能从 config 读；GPT-2 用的是 1e-5
     return cfg, conf.get("layer_norm_epsilon", 1e-5)
 
 
@@ -496,6 +516,7 @@ def read_weight_folder(folder):
     """读目录里的全部权重：大模型常被切成多个分片，由 model.safetensors.index.json 列出。"""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
+        # weight_map 是 {参数名: 分片文件名}：许多参数在同一个分片里，所以去重
         files = sorted(set((read_json(index).get("weight_map") or {}).values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -503,6 +524,7 @@ def read_weight_folder(folder):
         raise UserError(f"{folder} 里没有 *.safetensors 权重文件")
     weights = {}
     for name in files:
+        # 每个分片都只是内存映射，合并进一个字典也不复制数据
         weights.update(read_safetensors(folder / name))
     return weights
 
@@ -515,10 +537,13 @@ def map_block(take, src, dst):
     biases = take(f"{src}attn.c_attn.bias").chunk(3)
     for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
         state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
+    # 其余三个 Conv1D 同样要转置：注意力的输出投影，前馈网络的升维 c_fc 与降维 c_proj
+    # （我们的 ff.layers.0 / layers.2；layers.1 是没有参数的 GELU）
     for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
                           ("mlp.c_proj", "ff.layers.2")):
         state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
         state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
+    # ln_1 在注意力之前、ln_2 在前馈之前，对应 Pre-LN 块里的 norm1 / norm2
     for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
         state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
         state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
@@ -533,6 +558,7 @@ def map_hf_to_ours(hf, n_layers, folder):
     def take(key):
         if key not in hf:
             raise UserError(f"{folder} 的权重里缺少 {key}")
+        # 半精度（fp16/bf16）的文件在这里转成 fp32；本来就是 fp32 的直接用原张量，不复制
         return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
 
     state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
@@ -546,6 +572,7 @@ def map_hf_to_ours(hf, n_layers, folder):
 
 
 def resolve_gpt2_dir(name_or_dir):
+    # 先认模型名、再认本地目录：当前目录下恰好有个叫 gpt2 的文件夹时，仍按模型名下载
     if name_or_dir in HF_REPOS:
         folder = MODELS_DIR / name_or_dir
         for filename in ("config.json", "model.safetensors"):
@@ -580,6 +607,7 @@ def load_gpt2_hf(name_or_dir):
     for module in model.modules():
         if isinstance(module, MultiHeadAttention):
             module.mask = mask
+        # eps 也不在 state_dict 里：按 config 逐层设置
         elif isinstance(module, LayerNorm):
             module.eps = eps
     return model.eval(), cfg
@@ -600,6 +628,7 @@ def find_text_files(path):
         raise UserError(f"找不到语料路径 {path}")
     if path.is_file():
         return [path]
+    # 排序：rglob 的顺序随文件系统而变，不排序的话同一份语料两次切出的 token 顺序可能不同
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
         raise UserError(f"目录 {path} 里没有任何 .txt 文件")
@@ -608,6 +637,7 @@ def find_text_files(path):
 
 def corpus_key(files, tokenizer_name):
     """缓存的钥匙 = 语料内容 + 分词器：任何一个变了，就重新切词。"""
+    # 哈希内容而不是文件名或修改时间：改一个字就会换钥匙，复制、挪动语料则仍能命中缓存
     digest = hashlib.sha256(tokenizer_name.encode())
     for file in files:
         with open(file, "rb") as fh:
@@ -622,12 +652,14 @@ def iter_documents(files, chunk_chars=1 << 20):
         try:
             with open(file, encoding="utf-8") as fh:
                 first, carry = True, ""
+                # 上一块末尾没读完的那一行（carry）接到下一块开头，保证切口总落在换行处
                 while block := fh.read(chunk_chars):
                     block = carry + block
                     cut = block.rfind("\n") + 1 or len(block)
                     carry = block[cut:]
                     yield first, block[:cut]
                     first = False
+                # 空文件也产出一个空块：它仍算一篇文档（前面放一个 <|endoftext|>）
                 if carry or first:
                     yield first, carry
         except UnicodeDecodeError as err:
@@ -638,6 +670,7 @@ def build_token_cache(files, enc, folder):
     """把语料切词写进 folder/train.bin 与 folder/val.bin；每个文档前放一个 <|endoftext|>，
     让模型知道"这里换了一篇文章"。先写临时文件，成功后才改名：中途被杀也不会留下半个缓存。"""
     folder.mkdir(parents=True, exist_ok=True)
+    # 词表不超过 65536 时每个 token 只占 2 字节（项目分词器 6144、GPT-2 的 50257 都是）
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
     counts = {"train": 0, "val": 0}
     outs = {split: open(folder / f"{split}.bin.tmp", "wb") for split in counts}
@@ -648,6 +681,7 @@ def build_token_cache(files, enc, folder):
         all_ids = enc.encode_ordinary_batch([text for _, _, text in batch])
         for (start, split, _), ids in zip(batch, all_ids):
             arr = np.array(([enc.eot_token] if start else []) + ids, dtype=dtype)
+            # tofile 直接把原始字节追加到文件末尾：没有文件头，np.memmap 读回来就是同一个数组
             arr.tofile(outs[split])
             counts[split] += len(arr)
         batch.clear()
@@ -656,6 +690,7 @@ def build_token_cache(files, enc, folder):
         for fh in outs.values():
             stack.enter_context(fh)
         for n_chunks, (start, text) in enumerate(iter_documents(files)):
+            # 按"块"而不是按 token 划分：一篇文章整块进验证集，验证损失才反映"没见过的文字"
             split = "val" if n_chunks % VAL_EVERY == VAL_EVERY - 1 else "train"
             batch.append((start, split, text))
             batch_chars += len(text)
@@ -663,6 +698,7 @@ def build_token_cache(files, enc, folder):
                 flush()
                 batch_chars = 0
         flush()
+    # 两个文件都完整写好才改名，最后写 meta.json：有 meta.json 就说明缓存是完整的
     for split in counts:
         os.replace(folder / f"{split}.bin.tmp", folder / f"{split}.bin")
     meta = {"dtype": np.dtype(dtype).name, **counts, "files": len(files)}
@@ -674,6 +710,7 @@ def load_corpus(data_path, enc, tokenizer_name, context_length):
     """返回 (train_tokens, val_tokens) 两个 np.memmap；缓存不存在时先建。"""
     files = find_text_files(data_path)
     folder = CACHE_DIR / f"tokens-{corpus_key(files, tokenizer_name)}"
+    # 缓存目录名里带着内容哈希，所以只要 meta.json 在，就可以放心复用
     if (folder / "meta.json").is_file():
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         print(f"复用 token 缓存 {folder}（{meta['train'] + meta['val']:,} 个 token）")
@@ -683,8 +720,10 @@ def load_corpus(data_path, enc, tokenizer_name, context_length):
         n_chars = sum(f.stat().st_size for f in files)
         print(f"切词：{len(files)} 个文件、{n_chars:,} 字节 → {meta['train'] + meta['val']:,} 个 token，"
               f"用时 {time.perf_counter() - t0:.1f} 秒，缓存于 {folder}")
+    # 每篇文档至少贡献一个 <|endoftext|>；token 总数不比文件数多，说明一个字也没有
     if meta["train"] + meta["val"] <= len(files):
         raise UserError(f"语料 {data_path} 是空的（没有任何文字）")
+    # mode="r"：只读映射，数据留在磁盘（和操作系统的页缓存）里，用到哪页才读哪页
     train, val = (np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
                   if meta[split] else np.zeros(0, dtype=meta["dtype"])
                   for split in ("train", "val"))
@@ -701,8 +740,11 @@ def load_corpus(data_path, enc, tokenizer_name, context_length):
 def get_batch(tokens, batch_size, context_length, generator, device):
     """随机取 batch_size 个起点，各截 context_length+1 个 token：前 n 个是输入，后 n 个是目标。"""
     starts = torch.randint(len(tokens) - context_length, (batch_size,), generator=generator)
+    # 每个窗口只从 memmap 读 context_length+1 个数；np.stack 之后才是内存里的小数组
     windows = np.stack([tokens[s:s + context_length + 1] for s in starts.tolist()])
+    # nn.Embedding 和 cross_entropy 要求 int64 下标；uint16 只是存盘用的紧凑格式
     windows = torch.from_numpy(windows.astype(np.int64))
+    # 目标就是输入右移一位：y[i, t] 是 x[i, 0..t] 之后的下一个 token
     x, y = windows[:, :-1], windows[:, 1:]
     if device.type == "cuda":
         # 锁页内存 + non_blocking：拷贝到显卡与计算重叠进行
@@ -715,6 +757,7 @@ def get_batch(tokens, batch_size, context_length, generator, device):
 MODEL_SIZES = {
     "tiny": dict(emb_dim=64, n_layers=2, n_heads=2, context_length=64),
     "mini": dict(emb_dim=256, n_layers=4, n_heads=4, context_length=128),
+    # GPT-2 的四个官方尺寸：从零训练它们需要 GPU 和大语料，用 --data 指向你的语料
     "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12, context_length=1024),
     "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16, context_length=1024),
     "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20, context_length=1024),
@@ -727,6 +770,7 @@ def tokenizer_record(enc, kind):
     if kind == "gpt2":
         return {"kind": "gpt2", "name": enc.name}
     ranks = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
+    # tiktoken 没有公开导出 ranks 的接口，这里读它的内部属性；按 rank 排序后存成 base64 列表
     return {"kind": "project", "name": enc.name, "pat_str": enc._pat_str,
             "special_tokens": enc._special_tokens,
             "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks]}
@@ -735,6 +779,7 @@ def tokenizer_record(enc, kind):
 def tokenizer_from_record(record):
     if record["kind"] == "gpt2":
         return get_gpt2_tokenizer()
+    # 项目分词器整份存在检查点里：即使 data/tokenizer.json 之后被重新训练，旧检查点也能正确解码
     ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(record["mergeable_ranks"])}
     return tiktoken.Encoding(name=record["name"], pat_str=record["pat_str"],
                              mergeable_ranks=ranks, special_tokens=record["special_tokens"])
@@ -744,9 +789,11 @@ def model_config(args, vocab_size):
     """从 --model 出发，再用 --n-layers 等单项覆盖；词表按需补齐到 64 的倍数。"""
     cfg = dict(MODEL_SIZES[args.model], vocab_size=vocab_size, drop_rate=args.drop_rate,
                qkv_bias=False, use_sdpa=not args.no_sdpa)
+    # 命令行里显式给出的维度优先：方便在同一个预设上只改层数或宽度做对比
     for key in ("emb_dim", "n_layers", "n_heads", "context_length"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    # 每个头分到 emb_dim / n_heads 维，除不尽就没法把向量平均切给各个头
     if cfg["emb_dim"] % cfg["n_heads"]:
         raise UserError(f"--emb-dim {cfg['emb_dim']} 必须能被 --n-heads {cfg['n_heads']} 整除")
     # 矩阵维度是 64 的倍数时，矩阵乘法内核能整块处理；多出来的几行词表永远不会被当作目标
@@ -762,13 +809,16 @@ def pad_vocab(model, multiple=64):
     if new == old:
         return model
     with torch.no_grad():
+        # 新增的行填 0：它们对应的 id 从不出现在输入里，也被采样时的切片挡在外面
         emb = torch.zeros(new, model.tok_emb.weight.shape[1], dtype=model.tok_emb.weight.dtype)
         emb[:old] = model.tok_emb.weight
         head = torch.zeros(new, model.out_head.weight.shape[1], dtype=emb.dtype)
         head[:old] = model.out_head.weight
+    # GPT-2 的输出头与词嵌入是同一个矩阵（权重共享），补齐后也要保持共享
     tied = model.out_head.weight is model.tok_emb.weight
     model.tok_emb = nn.Embedding.from_pretrained(emb, freeze=False)
     model.out_head.weight = model.tok_emb.weight if tied else nn.Parameter(head)
+    # cfg 跟着改：检查点里记下的是补齐后的词表大小，载入时才能建出同样形状的模型
     model.cfg["vocab_size"] = new
     return model
 
@@ -779,9 +829,11 @@ def pad_vocab(model, multiple=64):
 # 可读作"模型平均在多少个候选词之间犹豫"：随机初始化时约等于词表大小，学得越好越小。
 
 def calc_loss_batch(model, x, y, autocast):
+    # x、y: (batch, context_length)；logits: (batch, context_length, vocab_size)
     with autocast():
         logits = model(x)
     # logits 转成 fp32 再算 softmax：bf16 下直接算交叉熵会丢精度
+    # 摊平成 (batch·context_length, vocab_size) 与 (batch·context_length,)：每个位置都是一道"猜下一个词"的题
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
@@ -789,13 +841,16 @@ def calc_loss_batch(model, x, y, autocast):
 def evaluate(model, splits, args, device, autocast):
     """在训练集和验证集上各取 eval_iters 个批次求平均损失。固定随机种子取批次：
     每次评估看的是同一批数据，曲线才可比；也不会扰动训练用的随机数。"""
+    # eval()：关掉 dropout，评估结果才稳定；结束时再切回 train()
     model.eval()
     result = {}
     for name, tokens in splits.items():
+        # 独立的随机数生成器：评估取哪些批次与训练进度无关，也不影响训练的随机序列
         gen = torch.Generator().manual_seed(1234)
         losses = [calc_loss_batch(model, *get_batch(tokens, args.batch_size, args.context_length,
                                                     gen, device), autocast).item()
                   for _ in range(args.eval_iters)]
+        # 平均若干批次：单个批次的损失随抽到的文字波动很大
         result[name] = sum(losses) / len(losses)
     model.train()
     return result
@@ -804,6 +859,7 @@ def evaluate(model, splits, args, device, autocast):
 def sample_text(model, enc, prompt, args, device, max_new_tokens=40):
     """用固定提示词采样一段：每次评估都看同一个开头，读者能看到文字一点点变通顺。"""
     model.eval()
+    # (1, 提示词长度)：生成函数按批处理，这里批大小为 1
     ids = torch.tensor([enc.encode(prompt)], device=device)
     # 补齐出来的词表行不能被采样，所以只看前 enc.n_vocab 个 logits
     real_vocab = lambda idx: model(idx)[..., :enc.n_vocab]
@@ -820,6 +876,7 @@ def sample_text(model, enc, prompt, args, device, max_new_tokens=40):
 def make_optimizer(model, lr, weight_decay, impl):
     """AdamW。权重衰减只作用于矩阵（线性层、嵌入）：偏置和 LayerNorm 参数数量少，
     衰减它们只会限制模型平移/缩放的自由，不起正则作用。"""
+    # dim ≥ 2 的是矩阵（线性层权重、嵌入表），dim == 1 的是偏置和 LayerNorm 的 scale/shift
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
@@ -827,15 +884,19 @@ def make_optimizer(model, lr, weight_decay, impl):
     # fused：一个内核更新所有参数；foreach：按张量列表批量更新；loop：逐个参数更新（最慢）
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
              "loop": {"foreach": False}}[impl]
+    # beta2 = 0.95（而非默认 0.999）：二阶矩更快跟上梯度尺度的变化，大模型训练里更稳（GPT-3 的设置）
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **flags)
 
 
 def lr_at(step, max_lr, warmup_steps, total_steps, min_lr):
     """线性预热到 max_lr，再余弦退火到 min_lr。预热：刚初始化时梯度方向很乱，大步长容易把模型带偏；
     余弦退火：后期步子变小，让损失在谷底稳定下来。step 从 1 开始计。"""
+    # 预热阶段：第 1 步是 max_lr/warmup_steps，第 warmup_steps 步正好到 max_lr
     if step <= warmup_steps:
         return max_lr * step / max(1, warmup_steps)
+    # progress 从 0 走到 1，cos 从 1 降到 -1：学习率从 max_lr 平滑地降到 min_lr，超过总步数后停在 min_lr
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    # progress = 0.5 时 cos = 0，学习率正好是 max_lr 与 min_lr 的中点（测试就检查这一点）
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -847,9 +908,11 @@ def time_train_step(model, x, y, autocast, repeats=2):
     for _ in range(repeats + 1):
         sync(x.device)
         t0 = time.perf_counter()
+        # 反向传播占训练的大约三分之二，只测前向会低估 bf16 的收益（或代价）
         calc_loss_batch(model, x, y, autocast).backward()
         sync(x.device)
         best = min(best, time.perf_counter() - t0)
+    # 测速时积累的梯度必须清掉，否则会混进第一步真正的训练
     model.zero_grad(set_to_none=True)
     return best
 
@@ -859,6 +922,7 @@ def choose_dtype(requested, model, x, y, device):
     auto：CUDA 上看显卡是否支持 bf16；CPU 上只有实测更快才用——没有原生 bf16 指令的 CPU 反而慢得多。"""
     if requested != "auto" or device.type == "mps":
         return "fp32" if device.type == "mps" else requested
+    # Ampere 及更新的显卡原生支持 bf16：吞吐约翻倍，且不像 fp16 那样需要损失缩放
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     # 先用小矩阵粗测：bf16 连 fp32 的一半都不到，就不必再用整个模型测了
@@ -868,6 +932,7 @@ def choose_dtype(requested, model, x, y, device):
         print(f"精度：CPU 上 bf16 矩阵乘法 {bf16_peak / 1e9:.1f} GFLOP/s，"
               f"fp32 {fp32_peak / 1e9:.1f} GFLOP/s（无原生 bf16）→ 用 fp32")
         return "fp32"
+    # 有原生 bf16 的 CPU（AVX512-BF16、AMX）：用真实模型各测一步，谁快用谁
     t32 = time_train_step(model, x, y, make_autocast(device, "fp32"))
     t16 = time_train_step(model, x, y, make_autocast(device, "bf16"))
     choice = "bf16" if t16 < t32 else "fp32"
@@ -876,6 +941,7 @@ def choose_dtype(requested, model, x, y, device):
 
 
 def make_autocast(device, dtype):
+    # autocast 只把适合低精度的运算（矩阵乘法）换成 bf16；LayerNorm、softmax 等仍用 fp32
     if dtype == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -884,6 +950,7 @@ def make_autocast(device, dtype):
 def flops_per_token(model, context_length):
     """训练每个 token 的浮点运算数 ≈ 6·(参与矩阵乘法的参数量) + 12·层数·宽度·上下文长度。
     前向每个参数一次乘加（2 次运算），反向约是前向的两倍，合计 6；第二项是注意力的 QKᵀ 与 加权求和。"""
+    # 只数线性层：嵌入是查表，几乎不花算力；输出头是线性层，要算进去
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     cfg = model.cfg
     return 6 * matmul_params + 12 * cfg["n_layers"] * cfg["emb_dim"] * context_length
@@ -896,6 +963,7 @@ def save_checkpoint(path, state):
     进程在任何时刻被杀，磁盘上要么是旧的完整检查点，要么是新的完整检查点。"""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    # fsync：确认数据真正写到了磁盘上再改名，断电后也不会得到一个"名字对、内容空"的文件
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
@@ -908,6 +976,7 @@ def load_checkpoint(path):
         raise UserError(f"找不到检查点 {path}（先训练一次，或检查 --out-dir）")
     try:
         # weights_only=True：只反序列化张量和基本类型，不执行文件里的任意代码
+        # map_location="cpu"：在 GPU 上存的检查点也能在只有 CPU 的机器上打开
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -917,6 +986,7 @@ def load_checkpoint(path):
 def build_model_from_checkpoint(ckpt):
     model = GPTModel(ckpt["config"])
     try:
+        # 严格匹配：少一个键、多一个键或形状不同都会报错，而不是悄悄载入一半
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"检查点与模型结构不匹配：{str(err).splitlines()[0]}") from None
@@ -931,6 +1001,7 @@ def write_history(out_dir, history):
         writer.writerow(["step", "tokens_seen", "lr", "train_loss", "eval_train_loss",
                          "eval_val_loss"])
         writer.writerows(history)
+    # 与检查点一样先写临时文件再改名：CSV 永远是完整的，可以边训练边用别的程序读
     os.replace(tmp, out_dir / "history.csv")
 
 
@@ -943,6 +1014,7 @@ def plot_history(out_dir, history):
     except ImportError:
         print("（未安装 matplotlib，跳过画图；pip install matplotlib 后重跑即可得到 loss.png）")
         return
+    # 只有评估步才有平均损失；单个批次的损失噪声大，画成淡色作背景
     evals = [row for row in history if row[5] != ""]
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [row for row in history if row[3] != ""]
@@ -968,10 +1040,12 @@ class StopFlag:
         self.requested = False
 
     def __enter__(self):
+        # 记下原来的处理函数，退出训练循环时还原：交互模式等其他地方的 Ctrl-C 行为不受影响
         self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        # 第二次 Ctrl-C：用户不想等了，恢复 Python 默认行为（立即抛出 KeyboardInterrupt）
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -990,12 +1064,14 @@ def train_step(model, optimizer, splits, state, args, device, autocast):
     for _ in range(args.grad_accum):
         x, y = get_batch(splits["train"], args.batch_size, args.context_length,
                          state["data_gen"], device)
+        # 除以累积次数：几个小批次的梯度相加后，正好等于它们合成的大批次的平均梯度
         loss = calc_loss_batch(model, x, y, autocast) / args.grad_accum
         loss.backward()
         total += loss.item()
     # 梯度裁剪：偶尔一个"坏批次"会给出巨大的梯度，把范数压到 1 以内，防止一步把模型带飞
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
+    # set_to_none=True：直接丢掉梯度张量而不是逐元素清零，省一次写内存；下一次 backward 会新建
     optimizer.zero_grad(set_to_none=True)
     state["step"] += 1
     state["tokens_seen"] += args.batch_size * args.context_length * args.grad_accum
@@ -1008,7 +1084,9 @@ def checkpoint_state(model, optimizer, state, args, tok_record):
         "tokenizer": tok_record, "step": state["step"], "tokens_seen": state["tokens_seen"],
         "schedule": {k: getattr(args, k) for k in ("lr", "warmup_steps", "max_steps",
                                                    "min_lr_ratio", "weight_decay")},
-        "rng": {"torch": torch.get_rng_state(), "data": state["data_gen"].get_state()},
+        # 随机数状态：dropout 用全局生成器，取批次用 data_gen；两者都还原，续训才能逐位相同
+        "rng": {"torch": torch.get_rng_state(), "data": state["data_gen"].get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "history": state["history"], "args": {k: v for k, v in vars(args).items()
                                               if isinstance(v, (int, float, str, bool))},
     }
@@ -1026,11 +1104,13 @@ def report_eval(model, splits, enc, state, args, device, autocast):
 def train(model, optimizer, splits, enc, state, args, device, autocast, tok_record):
     """主循环：训练 → 定期评估、采样、存检查点 → 结束时汇报速度与 MFU。"""
     out_dir = Path(args.out_dir)
+    # torch.compile 把模型编译成融合内核：第一次调用要编译几十秒，之后每步更快；参数与 model 共享
     step_model = torch.compile(model) if args.compile else model
     tokens_per_step = args.batch_size * args.context_length * args.grad_accum
+    # MFU = 实际完成的模型浮点运算 / 硬件峰值：衡量"算力用上了多少"，与模型大小无关，便于横向比较
     fpt = flops_per_token(model, args.context_length)
     start_step, t_start = state["step"], time.perf_counter()
-    train_time, stop_reason = 0.0, "done"
+    train_time, timed_steps, stop_reason = 0.0, 0, "done"
     if state["step"] == 0:  # 训练前先评估一次：这就是"起点"，随机模型的损失约为 ln(词表大小)
         state["history"].append([0, 0, 0.0, "", *report_eval(model, splits, enc, state, args,
                                                               device, autocast)])
@@ -1039,13 +1119,17 @@ def train(model, optimizer, splits, enc, state, args, device, autocast, tok_reco
             t0 = time.perf_counter()
             loss, lr = train_step(step_model, optimizer, splits, state, args, device, autocast)
             sync(device)
-            train_time += time.perf_counter() - t0
             step = state["step"]
+            if args.compile and step == start_step + 1:
+                # 编译发生在第一次调用里：单独报出来，不算进速度，否则 token/s 会被严重低估
+                print(f"  （第一步含 torch.compile 编译，用时 {time.perf_counter() - t0:.1f} 秒，不计入速度）")
+            else:
+                train_time += time.perf_counter() - t0
+                timed_steps += 1
             state["history"].append([step, state["tokens_seen"], lr, loss, "", ""])
-            if step % args.log_every == 0 or step == args.max_steps:
-                done = step - start_step
-                tok_s = done * tokens_per_step / train_time
-                eta = (args.max_steps - step) * train_time / done
+            if timed_steps and (step % args.log_every == 0 or step == args.max_steps):
+                tok_s = timed_steps * tokens_per_step / train_time
+                eta = (args.max_steps - step) * train_time / timed_steps
                 print(f"步 {step:>5}/{args.max_steps}  loss {loss:.3f}  lr {lr:.2e}  "
                       f"{tok_s:,.0f} tok/s  已用 {time.perf_counter() - t_start:.0f}s  "
                       f"剩余约 {eta:.0f}s", flush=True)
@@ -1061,9 +1145,8 @@ def train(model, optimizer, splits, enc, state, args, device, autocast, tok_reco
                 write_history(out_dir, state["history"])
             if stop_reason != "done":
                 break
-    steps_done = state["step"] - start_step
-    if steps_done:
-        tok_s = steps_done * tokens_per_step / train_time
+    if timed_steps:
+        tok_s = timed_steps * tokens_per_step / train_time
         state["tokens_per_s"], state["mfu_flops"] = tok_s, tok_s * fpt
     return stop_reason
 
@@ -1083,6 +1166,7 @@ def run_sweep(args, enc, splits, device, autocast):
         trial = argparse.Namespace(**{**vars(args), "lr": lr, "warmup_steps": warmup,
                                       "weight_decay": wd, "drop_rate": drop, "batch_size": batch,
                                       "max_steps": args.sweep_steps})
+        # 每组都从同一个初始化、同一串批次出发：差异只来自被改动的超参数
         torch.manual_seed(args.seed)
         model = GPTModel(model_config(trial, enc.n_vocab)).to(device)
         optimizer = make_optimizer(model, lr, wd, args.optimizer)
@@ -1090,8 +1174,10 @@ def run_sweep(args, enc, splits, device, autocast):
                  "data_gen": torch.Generator().manual_seed(args.seed)}
         t0 = time.perf_counter()
         for _ in range(trial.max_steps):
+            # 搜索只看最终验证损失：不存检查点、不采样，省下时间多试几组
             train_step(model, optimizer, splits, state, trial, device, autocast)
-        val = evaluate(model, splits, trial, device, autocast)["val"]
+        # 用同一套评估设置（args 的批次大小）给每组打分，排名才公平
+        val = evaluate(model, splits, args, device, autocast)["val"]
         results.append((val, lr, warmup, wd, drop, batch, time.perf_counter() - t0))
         print(f"  试验 {len(results)}: lr={lr:g} warmup={warmup} wd={wd} dropout={drop} "
               f"batch={batch} → 验证损失 {val:.3f}", flush=True)
@@ -1108,6 +1194,7 @@ def run_sweep(args, enc, splits, device, autocast):
 
 def interactive(model, enc, device, context_length):
     """在终端里和模型对话式地续写。以冒号开头的行是设置，比如 :temp 0.8、:topk 40、:topp 0.9。"""
+    # 温度 0.8 + top-k 40：比贪心多样，又不至于抽到概率极低的怪词；可以随时改了再试
     settings = {"temp": 0.8, "topk": 40, "topp": None, "tokens": 80}
     print("输入开头文字，回车生成；:temp/:topk/:topp/:tokens 数值 调整采样；:quit 退出。")
     model.eval()
@@ -1131,6 +1218,7 @@ def interactive(model, enc, device, context_length):
             except ValueError:
                 print(f"{value!r} 不是数字")
             continue
+        # 太长的输入只保留最后 context_length 个 token：模型看不见更早的内容
         ids = enc.encode(line or "\n", allowed_special="all")[-context_length:]
         idx = torch.tensor([ids], device=device)
         real_vocab = lambda x: model(x)[..., :enc.n_vocab]
@@ -1212,6 +1300,7 @@ def check_args(args):
 def setup_model_and_tokenizer(args, device):
     """返回 (model, enc, tok_record, ckpt 或 None)。"""
     out_dir = Path(args.out_dir)
+    # 三种起点：续训（或交互生成）用检查点；--init 用 GPT-2 权重；否则随机初始化一个新模型
     if args.resume or (args.interactive and args.init == "random"):
         ckpt = load_checkpoint(out_dir / "ckpt.pt")
         for key in ("n_layers", "n_heads", "emb_dim"):
@@ -1222,6 +1311,7 @@ def setup_model_and_tokenizer(args, device):
         enc = tokenizer_from_record(ckpt["tokenizer"])
         return build_model_from_checkpoint(ckpt).to(device), enc, ckpt["tokenizer"], ckpt
     if args.init != "random":
+        # 真实 GPT-2 的词表是 50257，只能配 GPT-2 自己的分词器；维度参数以它的 config.json 为准
         model, _ = load_gpt2_hf(args.init)
         # 载入的参数是内存映射、只读的视图：训练要原地更新，先复制成普通张量（共享的参数只复制一次）
         for param in model.parameters():
@@ -1244,6 +1334,7 @@ def run(args):
     model, enc, tok_record, ckpt = setup_model_and_tokenizer(args, device)
     if ckpt is not None:
         restore_run_args(args, ckpt["args"])
+    # 续训时，命令行没给的训练设置（批次、上下文长度……）沿用检查点里的
     if args.context_length is None:  # 默认用满模型的上下文长度
         args.context_length = model.cfg["context_length"]
     if args.context_length > model.cfg["context_length"]:
@@ -1258,6 +1349,7 @@ def run(args):
           f"上下文 {args.context_length}，词表 {model.cfg['vocab_size']}（分词器 {enc.name}，"
           f"{enc.n_vocab} 个 token），参数 {n_params / 1e6:.2f}M；训练集 {len(train_tokens):,} token，"
           f"验证集 {len(val_tokens):,} token；设备 {device}")
+    # 一个探测批次：只用来给 --dtype auto 测速，取自独立的生成器，不影响训练取数
     probe = get_batch(train_tokens, args.batch_size, args.context_length,
                       torch.Generator().manual_seed(0), device)
     with torch.random.fork_rng(devices=[]):  # 测速用的随机矩阵不能消耗训练的随机数
@@ -1265,11 +1357,13 @@ def run(args):
         peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         peak, size = measure_matmul_peak(device, peak_dtype)
     autocast = make_autocast(device, dtype)
+    # 超参数搜索到此为止：它自己为每组超参数新建模型，不动上面这个模型
     if args.sweep:
         return run_sweep(args, enc, splits, device, autocast)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, args.optimizer)
     state = {"step": 0, "tokens_seen": 0, "history": [],
              "data_gen": torch.Generator().manual_seed(args.seed)}
+    # 优化器里存着每个参数的一阶/二阶矩：续训必须一并恢复，否则相当于重新开始预热
     if ckpt is not None:
         resume_from(ckpt, optimizer, state, args)
     print(f"本机实测 {dtype} 矩阵乘法峰值：{peak / 1e9:,.1f} GFLOP/s（{size}×{size} 矩阵乘，取最快一次），"
@@ -1301,8 +1395,11 @@ def resume_from(ckpt, optimizer, state, args):
                  history=[list(row) for row in ckpt["history"]])
     state["data_gen"].set_state(ckpt["rng"]["data"])
     torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     for key, value in ckpt["schedule"].items():
-        setattr(args, key, value if key != "max_steps" else getattr(args, key))
+        if key != "max_steps":  # 学习率计划沿用检查点的；只有总步数允许在续训时改大
+            setattr(args, key, value)
     print(f"从第 {state['step']} 步继续（已见 {state['tokens_seen']:,} token）")
 
 
@@ -1315,12 +1412,14 @@ def finish(model, enc, state, args, device, peak, reason):
         print(f"按 --stop-at 在第 {state['step']} 步停下，检查点已保存；用 --resume 继续。")
         return
     plot_history(out_dir, state["history"])
+    # 速度只按训练步计时（不含评估、采样、存盘），所以与其他训练脚本的 token/s 可以直接比较
     if "tokens_per_s" in state:
         mfu = state["mfu_flops"] / peak
         print(f"速度：{state['tokens_per_s']:,.0f} token/s，模型算力 {state['mfu_flops'] / 1e9:.1f} "
               f"GFLOP/s = 实测峰值的 {100 * mfu:.0f}%（MFU）")
     print(f"检查点：{out_dir / 'ckpt.pt'}   损失历史：{out_dir / 'history.csv'}")
     print("最终样本：")
+    # 三个不同的开头：看看模型是不是只会接一种话；英文开头检验它从那 4 篇英文随笔里学到了多少
     for prompt in (args.prompt, "今天", "The"):
         print(f"  {prompt}{sample_text(model, enc, prompt, args, device, 60)}")
 
@@ -1332,6 +1431,9 @@ def main(argv=None):
     except UserError as err:
         print(f"错误：{err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # 训练循环之外（切词、评估、交互）按 Ctrl-C：安静退出，已存的文件不受影响
+        print("\n已中断。", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
