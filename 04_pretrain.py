@@ -1295,6 +1295,9 @@ def check_args(args):
             raise UserError(f"--{key.replace('_', '-')} 必须是正整数")
     if args.lr <= 0:
         raise UserError("--lr 必须大于 0")
+    # 因果掩码是 上下文长度² 个布尔值：16384 时已占 256 MB，再大就先把内存耗尽了
+    if args.context_length is not None and not 2 <= args.context_length <= 16384:
+        raise UserError(f"--context-length {args.context_length} 不合理：应在 2 到 16384 之间")
 
 
 def setup_model_and_tokenizer(args, device):

@@ -225,7 +225,7 @@ def run_in_process(mod, args, monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_txt", "not_utf8", "too_short",
-                                  "bad_ckpt", "ckpt_mismatch", "bad_init"])
+                                  "bad_ckpt", "ckpt_mismatch", "bad_init", "huge_context"])
 def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, capsys, case):
     args = FAST + ["--out-dir", "out"]
     if case == "missing":
@@ -254,6 +254,8 @@ def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, caps
         args += ["--resume", "--n-layers", "5"]
     elif case == "bad_init":
         args += ["--init", "gpt5"]
+    elif case == "huge_context":  # 否则会先分配 99999² 的掩码把内存耗尽
+        args += ["--context-length", "99999"]
     saved = {p: p.read_bytes() for p in (tmp_path / "out").glob("*")} \
         if (tmp_path / "out").is_dir() else {}
     code, _, err = run_in_process(mod, args, monkeypatch, tmp_path, capsys)
