@@ -694,7 +694,7 @@ def build_token_cache(files, enc, folder):
             split = "val" if n_chunks % VAL_EVERY == VAL_EVERY - 1 else "train"
             batch.append((start, split, text))
             batch_chars += len(text)
-            if batch_chars > 2 << 20:  # 攒约 2M 字符切一次：够并行，又不占多少内存
+            if batch_chars > 1 << 19:  # 攒约 50 万字符切一次：够多线程并行，又只占几十 MB 内存
                 flush()
                 batch_chars = 0
         flush()

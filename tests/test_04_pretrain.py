@@ -5,12 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import copy_standalone, load_script, run_standalone, skip_or_fail
+from conftest import ROOT, copy_standalone, load_script, run_standalone, skip_or_fail
 
 SCRIPT = "04_pretrain.py"
 FAST = ["--quick", "--dtype", "fp32"]  # 固定 fp32：不让"自动选精度"的计时影响可复现性
@@ -305,3 +306,42 @@ def test_resume_alone_reuses_the_checkpoint_settings(mod, tmp_path, monkeypatch,
     assert code == 0, err
     assert "上下文 64" in out and "步     4/4" in out
     assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+MEMORY_PROBE = r"""
+import importlib.util, re, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("m04", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+hwm = lambda: int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+enc = m.load_project_tokenizer()
+enc.encode_ordinary_batch(["预热"] * 8)
+before = hwm()
+meta = m.build_token_cache(m.find_text_files(sys.argv[2]), enc, Path(sys.argv[3]))
+print(meta["train"] + meta["val"], hwm() - before)
+"""
+
+
+def cache_build_peak(tmp_path, name, copies):
+    """在子进程里为 copies 份语料建 token 缓存，返回 (token 数, 峰值内存增量字节)。"""
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data" / "corpus").rglob("*.txt"))]
+    corpus = tmp_path / name
+    corpus.mkdir()
+    for i in range(copies):  # 每份约 300 KB，内容各不相同的排列
+        (corpus / f"{i:02d}.txt").write_text("\n\n".join(texts[i % 7::7] + texts), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ROOT / SCRIPT), str(corpus),
+                             str(tmp_path / f"cache-{name}")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return tuple(map(int, result.stdout.split()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="需要 Linux 的 /proc 读峰值内存")
+def test_token_cache_build_memory_does_not_grow_with_corpus_size(tmp_path):
+    """语料从约 4 MB 变成约 16 MB，切词时的峰值内存几乎不变：token 是边切边写盘的，
+    从来不会整个待在内存里（若全放进 int64 数组，多出的 token 就要多占 8 字节/个）。"""
+    n_small, peak_small = cache_build_peak(tmp_path, "small", 14)
+    n_big, peak_big = cache_build_peak(tmp_path, "big", 56)
+    assert n_big > 3 * n_small > 3_000_000
+    assert peak_big - peak_small < 0.5 * 8 * (n_big - n_small), (peak_small, peak_big)
