@@ -34,585 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ===== 0. 前几章的部件（逐字复制）=====
-# 来自 01_tokenizer.py：错误类型与分词器
-DATA_DIR = Path(__file__).resolve().parent / "data"
-
-
-class UserError(Exception):
-    """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
-
-
-# GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
-GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-
-
-def get_gpt2_tokenizer():
-    """GPT-2 分词器（tiktoken）。离线时依次尝试：环境变量 NFL_GPT2_VOCAB 指向的 ranks 文件、
-    models/gpt2.tiktoken、已安装的 openai-whisper 包自带的 assets/gpt2.tiktoken（不 import 它）。"""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # 没有网络、也没有 tiktoken 缓存
-        pass
-    candidates = []
-    if os.environ.get("NFL_GPT2_VOCAB"):
-        candidates.append(Path(os.environ["NFL_GPT2_VOCAB"]))
-    candidates.append(Path(__file__).resolve().parent / "models" / "gpt2.tiktoken")
-    spec = importlib.util.find_spec("whisper")  # 只查找包的位置，不执行它的代码
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            candidates.append(Path(folder) / "assets" / "gpt2.tiktoken")
-    for path in candidates:
-        if path.is_file():
-            # .tiktoken 格式：每行"base64(字节串) 排名"
-            lines = path.read_text(encoding="ascii").split("\n")
-            ranks = {base64.b64decode(tok): int(rank)
-                     for tok, rank in (line.split() for line in lines if line)}
-            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": 50256})
-    raise UserError(
-        "找不到 GPT-2 词表：tiktoken 无法联网下载。请任选其一：联网运行一次；"
-        "或 pip install --no-deps openai-whisper（自带 gpt2.tiktoken）；"
-        "或把 gpt2.tiktoken 放到 models/ 下，或用环境变量 NFL_GPT2_VOCAB 指向它。")
-
-
-def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
-    """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
-        return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
-                                 mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"分词器文件 {path} 已损坏或格式不对：{err}") from None
-
-
-# 来自 03_gpt.py：GPT 模型与生成（LayerNorm、GELU 是换成融合内核的变体）
-class LayerNorm(nn.Module):
-    """层归一化：把每个词向量的各维减均值、除标准差，再学一个缩放 scale 和平移 shift。"""
-
-    def __init__(self, emb_dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps  # 防止方差为 0 时除以 0
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        # 与 03 的手写公式完全相同，只是交给 F.layer_norm 一个融合内核完成（训练快约三成）
-        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
-
-
-class GELU(nn.Module):
-    """GELU 的 tanh 近似（GPT-2 训练时用的就是它）：x·Φ(x) 的一个便宜的光滑近似。"""
-
-    def forward(self, x):
-        # 03 里手写的 tanh 近似公式，这里交给一个融合内核（数值一致，省去一串逐元素运算）
-        return F.gelu(x, approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """逐位置的两层 MLP：先升到 4 倍宽度给模型"思考空间"，再投影回 emb_dim。"""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(),
-            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class MultiHeadAttention(nn.Module):
-    """因果多头注意力（02_attention.py 的高效版，另加 SDPA 快速路径）。
-    use_sdpa=True 时调用 F.scaled_dot_product_attention：数学相同，但融合成一个内核，更快更省内存。"""
-
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
-                 use_sdpa=True):
-        super().__init__()
-        assert d_out % num_heads == 0, "d_out 必须能被 num_heads 整除"
-        self.d_out, self.num_heads = d_out, num_heads
-        self.head_dim = d_out // num_heads
-        self.use_sdpa = use_sdpa
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)  # 把各头的结果再混合一次
-        self.dropout = nn.Dropout(dropout)
-        # 掩码是 buffer：随 .to(device) 移动；persistent=False 让它不进 state_dict
-        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
-        self.register_buffer("mask", mask, persistent=False)
-
-    def forward(self, x):
-        b, num_tokens, _ = x.shape
-        # (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
-        q, k, v = (w(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-                   for w in (self.W_query, self.W_key, self.W_value))
-        if self.use_sdpa:
-            p = self.dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
-            context = self.dropout(torch.softmax(scores, dim=-1)) @ v
-        # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
-        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
-        return self.out_proj(context)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LN Transformer 块：x + 注意力(LN(x))，再 x + 前馈(LN(x))。捷径连接让梯度直达底层。"""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = MultiHeadAttention(
-            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
-            dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
-            use_sdpa=cfg.get("use_sdpa", True))
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-
-class GPTModel(nn.Module):
-    """GPT：词嵌入 + 位置嵌入 → n_layers 个 Transformer 块 → 最终 LayerNorm → 输出头（每个词表项一个分数）。"""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        self.apply(self._init_weights)
-        # 每个块有两条残差支路往 x 上累加；按 1/√(2·n_layers) 缩小它们的输出投影，
-        # 否则层数越多，残差流的方差越大（GPT-2 论文的做法）
-        for name, param in self.named_parameters():
-            if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
-
-    @staticmethod
-    def _init_weights(module):
-        # GPT-2 的初始化：权重 N(0, 0.02)，偏置 0；比 PyTorch 默认初始化训练得更稳
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def forward(self, in_idx):
-        _, seq_len = in_idx.shape
-        positions = torch.arange(seq_len, device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # (b, seq_len, emb_dim)
-        x = self.final_norm(self.trf_blocks(x))
-        return self.out_head(x)  # (b, seq_len, vocab_size) 的 logits
-
-
-def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
-             eos_id=None):
-    """自回归生成：每步只看最后 context_size 个词，取最后一个位置的 logits 选出下一个词。
-    temperature=0 为贪心；top_k 只在前 k 个候选里抽；top_p 只在累计概率达到 p 的最小集合里抽。"""
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :].float()  # (b, vocab_size)
-        if temperature <= 0.0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p is not None:
-                sorted_logits, order = torch.sort(logits, descending=True)
-                cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-                # 去掉"前面的累计概率已经 ≥ top_p"的词，但至少保留概率最大的那个
-                drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-                logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-        if eos_id is not None and bool((next_id == eos_id).all()):
-            break  # 所有序列都生成了结束符：停止
-        idx = torch.cat([idx, next_id], dim=1)
-    return idx
-
-
-# 来自 03_gpt.py：设备与计时工具
-def resolve_device(name):
-    """auto 按 cuda > mps > cpu 选；显式要求的设备不可用时给出中文错误。"""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("要求使用 CUDA，但本机 torch 看不到可用的 NVIDIA GPU；请改用 --device cpu")
-    if name == "mps" and not has_mps:
-        raise UserError("要求使用 MPS，但本机不支持 Apple GPU（MPS）；请改用 --device cpu")
-    return torch.device(name)
-
-
-def sync(device):
-    if device.type != "cpu":  # GPU 的运算是异步排队的：计时前后都要等它真正算完
-        getattr(torch, device.type).synchronize()
-
-
-def time_matmul(device, dtype, n, reps):
-    """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    # 取最快而不是平均：慢的那几次多半被预热、别的进程或频率爬升拖慢了
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        # 结果不用保存；在 GPU 上这一行只是把内核排进队列，真正的等待发生在 sync 里
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    # n×n 乘 n×n：n² 个输出元素，每个要 n 次乘加 = 2n³ FLOPs
-    return 2 * n ** 3 / best
-
-
-def measure_matmul_peak(device, dtype, seconds=0.05):
-    """本机矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
-    再挑单次约 seconds 秒的尺寸细测：太小的矩阵测不出峰值，太大的又太费时
-    （没有 bf16 硬件的 CPU 上，bf16 矩阵乘会慢几十倍）。"""
-    n = 256
-    for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
-        rate = time_matmul(device, dtype, n, reps=3)
-        # 单次耗时 = 2n³ / rate，令它等于 seconds 反解出 n；
-        # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
-        n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
-    return time_matmul(device, dtype, n, reps=5), n
-
-
-def build_on_meta(cfg):
-    """在 meta 设备上建模型：张量只有形状、没有数据，数 15 亿个参数也不占内存、不花时间。"""
-    with torch.device("meta"):
-        return GPTModel(cfg)
-
-
-# 来自 03_gpt.py：下载并载入 Hugging Face 上的 GPT-2 权重
-HF_REPOS = {name: f"openai-community/{name}"
-            for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-
-
-# —— 从 Hugging Face 下载文件（只用标准库 urllib） ——
-# 权重文件动辄几百 MB 到几 GB：要能断点续传，也绝不能让半截文件冒充完整文件
-
-
-def _total_size(headers, have):
-    """文件总字节数：206 响应看 Content-Range（"bytes 100-999/1000" 斜杠后面），
-    200 响应看 Content-Length；都没有就是未知（None）。"""
-    tail = (headers.get("Content-Range") or "").rsplit("/", 1)[-1]
-    if tail.isdigit():
-        return int(tail)
-    length = headers.get("Content-Length")
-    return have + int(length) if length and length.isdigit() else None
-
-
-def _copy_with_progress(response, out, done, total, name):
-    shown = None
-    # 每次读 1 MB 就写盘：文件可能有几 GB，不能整个读进内存
-    while chunk := response.read(1 << 20):
-        out.write(chunk)
-        done += len(chunk)
-        text = f"{100 * done // total}% / {total / 2**20:.0f} MB" if total else f"{done >> 20} MB"
-        if text != shown:  # 变了才刷新，免得刷屏
-            # \r 回到行首覆盖上一次的进度，不换行；flush 让进度立刻显示出来
-            print(f"\r  下载 {name}：{text}", end="", flush=True)
-            shown = text
-    print()
-
-
-def _fetch_into(url, part):
-    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。"""
-    have = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url)
-    if os.environ.get("HF_TOKEN"):  # 受限（gated）模型需要访问令牌
-        request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-    try:
-        # timeout 只限制单次等待（连接、每次读），防止网络卡住时永远挂着
-        response = urllib.request.urlopen(request, timeout=30)
-    except urllib.error.HTTPError as err:
-        if err.code != 416 or not have:
-            raise
-        part.unlink()  # 416：.part 不比服务器上的文件短，说明它不可信，删掉从头下载
-        return _fetch_into(url, part)
-    # 206 = 服务器接受了 Range，接着写；200 = 服务器从头发送，那就从头写
-    resumed = response.status == 206
-    part.parent.mkdir(parents=True, exist_ok=True)  # 连上了才建目录：断网时什么都不留下
-    with response, open(part, "ab" if resumed else "wb") as out:
-        total = _total_size(response.headers, have if resumed else 0)
-        _copy_with_progress(response, out, have if resumed else 0, total, part.stem)
-    return total
-
-
-def download_hf_file(repo_id, filename, dest_dir):
-    """下载 HF 仓库里的一个文件到 dest_dir，返回本地路径；已经下载过就直接用。
-    数据先写进 filename.part，大小核对无误才改成正式文件名——所以正式文件永远是完整的。"""
-    dest = Path(dest_dir) / filename
-    # 正式文件只会由末尾的原子改名产生，所以存在即完整，不必再校验
-    if dest.is_file():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    # HF_ENDPOINT 可换成镜像，例如国内常用的 https://hf-mirror.com；路径格式与官方相同
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    # resolve/main/ 表示取 main 分支上的版本，这是 HF 下载单个文件的固定路径格式
-    url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
-    try:
-        total = _fetch_into(url, part)
-    except urllib.error.HTTPError as err:
-        hint = "需要访问令牌：请设置环境变量 HF_TOKEN" if err.code in (401, 403) else "请检查模型名"
-        raise UserError(f"下载 {url} 失败：HTTP {err.code}，{hint}") from None
-    except (OSError, http.client.HTTPException) as err:  # 断网、超时、连接被拒、中途断开……
-        raise UserError(
-            f"无法下载 {url}（{err}）。网络不通时可以：设置镜像，如 "
-            "export HF_ENDPOINT=https://hf-mirror.com 后重试（已下载的部分会续传）；或在别处下载好 "
-            "config.json 和 model.safetensors 放进一个目录，再用 --init 该目录。") from None
-    # 这一步必不可少：连接被对方提前关闭时，read() 只会返回空字节而不报错
-    if total is not None and part.stat().st_size != total:
-        raise UserError(f"{filename} 只下载了 {part.stat().st_size}/{total} 字节，"
-                        "连接中途断开；重新运行会从断点续传")
-    os.replace(part, dest)  # 原子改名：要么没有正式文件，要么它是完整的
-    return dest
-
-
-# —— 自己读 safetensors：8 字节头长度 + JSON 头 + 原始数据 ——
-# safetensors 只存数据、不存代码，比 pickle 格式的 .bin 安全；格式简单到几十行就能读懂。
-# JSON 头形如 {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, N]}, …}，
-# data_offsets 是相对数据区开头（即 8 + 头长度 处）的字节范围 [起, 止)。
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-MAX_HEADER_BYTES = 100 * 2**20  # 正常的头只有几十 KB；大得离谱说明文件坏了
-
-
-def _bad(path, reason):
-    return UserError(f"{path} 不是有效的 safetensors 文件：{reason}")
-
-
-def _is_uint_list(value, length=None):
-    return (isinstance(value, list) and (length is None or len(value) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
-
-
-def _check_entries(header, data_size, path):
-    """逐个校验头里描述的张量，返回按起点排序的 [(起, 止, 名字, dtype, 形状)]。"""
-    if not isinstance(header, dict):
-        raise _bad(path, "头部不是 JSON 对象")
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":  # 自由填写的附加信息，不是张量
-            continue
-        # 头来自文件、不可信：每个字段先查类型再用，坏文件得到一句中文说明，而不是奇怪的异常
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        if dtype is None:
-            raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not _is_uint_list(shape) or not _is_uint_list(offsets, 2) or offsets[0] > offsets[1]:
-            raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
-        if offsets[1] > data_size:
-            raise _bad(path, f"张量 {name} 的数据超出了文件末尾（{offsets[1]} > {data_size}）")
-        # 字节数必须恰好等于 元素个数 × 每个元素的字节数，否则张量会读错位
-        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
-            raise _bad(path, f"张量 {name} 的字节数与形状 {shape} × {info['dtype']} 对不上")
-        entries.append((offsets[0], offsets[1], name, dtype, shape))
-    # 按起点排好序后，只需比较相邻两项就能查出任何重叠
-    entries.sort(key=lambda e: e[:2])
-    for prev, cur in zip(entries, entries[1:]):
-        if cur[0] < prev[1]:
-            raise _bad(path, f"张量 {prev[2]} 和 {cur[2]} 的数据区重叠")
-    return entries
-
-
-def read_safetensors(path):
-    """读取 .safetensors，返回 {名字: torch.Tensor}。数据不复制：张量是内存映射文件上的视图，
-    操作系统只在真正用到时才把那几页读进内存，所以加载几 GB 的模型也只占约一份权重的内存。"""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"找不到权重文件 {path}")
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_len = int.from_bytes(prefix, "little")  # 8 字节小端无符号整数
-        if len(prefix) < 8 or not 0 < header_len <= min(MAX_HEADER_BYTES, file_size - 8):
-            raise _bad(path, f"头长度 {header_len} 不合理（文件共 {file_size} 字节）")
-        try:
-            header = json.loads(f.read(header_len).decode("utf-8"))
-        except ValueError as err:
-            raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
-        # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
-        data_start = 8 + header_len
-        entries = _check_entries(header, file_size - data_start, path)
-        # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
-        # 不必手动关闭映射：每个张量都引用着它，最后一个张量被回收时自动解除。
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if file_size > data_start else None
-    tensors = {}
-    for begin, end, name, dtype, shape in entries:
-        if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            # 映射的是整个文件，offset 要从文件开头算，所以加上 data_start；reshape 也只是视图
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
-                                             offset=data_start + begin).reshape(shape)
-    return tensors
-
-
-# —— 把 GPT-2 的参数名对应到我们的模型 ——
-# HF 的 GPT-2 与我们的 GPTModel 是同一个网络，只是名字和存法不同：
-#   wte/wpe → tok_emb/pos_emb；h.N → trf_blocks.N；ln_1/ln_2/ln_f 的 weight/bias → scale/shift；
-#   HF 用的 Conv1D 把权重存成 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
-#   c_attn 把 Q、K、V 三个投影拼成一个，要切成三份；输出头与 wte 共享同一个矩阵。
-
-TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # 都是 tanh 近似的 GELU
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"找不到 {path}") from None
-    except ValueError as err:
-        raise UserError(f"{path} 不是合法的 JSON：{err}") from None
-
-
-def gpt2_config_from_hf(conf, folder):
-    """HF 的 config.json → (我们的 cfg, LayerNorm 的 eps)。不支持的变体直接报错，而不是悄悄算错。"""
-    try:
-        cfg = {"vocab_size": conf["vocab_size"], "context_length": conf["n_positions"],
-               "emb_dim": conf["n_embd"], "n_heads": conf["n_head"], "n_layers": conf["n_layer"],
-               "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
-    # 逐条排除 GPTModel 表达不了的变体：别的激活函数、FFN 宽度不是 4 倍、
-    # 注意力分数按层号额外缩放、或者不除以 √head_dim
-    if (conf.get("model_type", "gpt2") != "gpt2"
-            or conf.get("activation_function", "gelu_new") not in TANH_GELU_NAMES
-            or conf.get("n_inner") not in (None, 4 * cfg["emb_dim"])
-            or conf.get("scale_attn_by_inverse_layer_idx")
-            or not conf.get("scale_attn_weights", True)):
-        raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
-    # eps 不是参数，不在权重文件里，只能从 config 读；GPT-2 用的是 1e-5
-    return cfg, conf.get("layer_norm_epsilon", 1e-5)
-
-
-def read_weight_folder(folder):
-    """读目录里的全部权重：大模型常被切成多个分片，由 model.safetensors.index.json 列出。"""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        # weight_map 是 {参数名: 分片文件名}：许多参数在同一个分片里，所以去重
-        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} 里没有 *.safetensors 权重文件")
-    weights = {}
-    for name in files:
-        # 每个分片都只是内存映射，合并进一个字典也不复制数据
-        weights.update(read_safetensors(folder / name))
-    return weights
-
-
-def map_block(take, src, dst):
-    """一个 Transformer 块：HF 的 h.N.* → 我们的 trf_blocks.N.*。切片和 .t() 都只是视图，不复制。"""
-    state = {}
-    # c_attn 权重 (emb, 3·emb)：输出维上依次是 Q、K、V；切三份再各自转置成 (emb, emb)
-    weights = take(f"{src}attn.c_attn.weight").chunk(3, dim=1)
-    biases = take(f"{src}attn.c_attn.bias").chunk(3)
-    for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
-        state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
-    # 其余三个 Conv1D 同样要转置：注意力的输出投影，前馈网络的升维 c_fc 与降维 c_proj
-    # （我们的 ff.layers.0 / layers.2；layers.1 是没有参数的 GELU）
-    for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
-                          ("mlp.c_proj", "ff.layers.2")):
-        state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
-        state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
-    # ln_1 在注意力之前、ln_2 在前馈之前，对应 Pre-LN 块里的 norm1 / norm2
-    for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
-        state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
-        state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
-    return state
-
-
-def map_hf_to_ours(hf, n_layers, folder):
-    # save_pretrained 写出的键带 "transformer." 前缀，官方文件不带：统一去掉。
-    # 官方文件里的 h.N.attn.bias / masked_bias 是因果掩码，我们自己会建，所以根本不取。
-    hf = {key.removeprefix("transformer."): value for key, value in hf.items()}
-
-    def take(key):
-        if key not in hf:
-            raise UserError(f"{folder} 的权重里缺少 {key}")
-        # 半精度（fp16/bf16）的文件在这里转成 fp32；本来就是 fp32 的直接用原张量，不复制
-        return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
-
-    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
-             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
-    for i in range(n_layers):
-        state.update(map_block(take, f"h.{i}.", f"trf_blocks.{i}."))
-    # 官方 GPT-2 的输出头就是 wte（权重共享），文件里没有 lm_head.weight；有的话就用它
-    has_head = "lm_head.weight" in hf
-    state["out_head.weight"] = take("lm_head.weight") if has_head else state["tok_emb.weight"]
-    return state
-
-
-def resolve_gpt2_dir(name_or_dir):
-    # 先认模型名、再认本地目录：当前目录下恰好有个叫 gpt2 的文件夹时，仍按模型名下载
-    if name_or_dir in HF_REPOS:
-        folder = MODELS_DIR / name_or_dir
-        for filename in ("config.json", "model.safetensors"):
-            download_hf_file(HF_REPOS[name_or_dir], filename, folder)
-        return folder
-    if Path(name_or_dir).is_dir():
-        return Path(name_or_dir)
-    raise UserError(f"未知模型 {name_or_dir!r}：可选 random、{'、'.join(HF_REPOS)}，"
-                    "或一个含 config.json 和 *.safetensors 的本地目录")
-
-
-def load_gpt2_hf(name_or_dir):
-    """加载 GPT-2：名字（gpt2、gpt2-medium、gpt2-large、gpt2-xl，自动下载并缓存到 models/）
-    或本地目录（config.json + *.safetensors）。返回 (eval 模式的 GPTModel, cfg)。"""
-    folder = resolve_gpt2_dir(name_or_dir)
-    cfg, eps = gpt2_config_from_hf(read_json(folder / "config.json"), folder)
-    # 这一步只建立内存映射和视图，一个字节的权重都还没有真正读进内存
-    state = map_hf_to_ours(read_weight_folder(folder), cfg["n_layers"], folder)
-    model = build_on_meta(cfg)  # 只有形状：不分配内存，也省掉随机初始化的时间
-    try:
-        # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
-        # 所以整个加载过程只有一份权重
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise UserError(f"{folder} 的权重与 config.json 对不上：{err}") from None
-    if state["out_head.weight"] is state["tok_emb.weight"]:
-        model.out_head.weight = model.tok_emb.weight  # 真正共享同一个参数，而不是两个参数对象
-    # 因果掩码是 persistent=False 的 buffer，不在 state_dict 里，所以还留在 meta 上：
-    # 在 CPU 上重建一份，各层共用（它只读不写）
-    length = cfg["context_length"]
-    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.mask = mask
-        # eps 也不在 state_dict 里：按 config 逐层设置
-        elif isinstance(module, LayerNorm):
-            module.eps = eps
-    return model.eval(), cfg
-
-
 # ===== 1. 语料 → token 缓存 =====
 # 训练时要反复随机取"一段连续的 token"。先把整个语料切词一次，写成磁盘上的 uint16/uint32 数组，
 # 再用 np.memmap 映射进来：取一个批次只读几 KB，几 GB 的语料也不会整个进内存；下次运行直接复用。
@@ -1437,6 +858,588 @@ def main(argv=None):
     except KeyboardInterrupt:  # 训练循环之外（切词、评估、交互）按 Ctrl-C：安静退出，已存的文件不受影响
         print("\n已中断。", file=sys.stderr)
         sys.exit(130)
+
+
+# ===== 附录：前几章的部件（逐字复制，读过前几章可以跳过）=====
+# 放在文件末尾，是为了让本章从第 1 节就开始讲预训练；Python 在调用时才查找这些名字，
+# 所以定义写在后面也没关系。
+
+# 来自 01_tokenizer.py：错误类型与分词器
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class UserError(Exception):
+    """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
+
+
+# GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def get_gpt2_tokenizer():
+    """GPT-2 分词器（tiktoken）。离线时依次尝试：环境变量 NFL_GPT2_VOCAB 指向的 ranks 文件、
+    models/gpt2.tiktoken、已安装的 openai-whisper 包自带的 assets/gpt2.tiktoken（不 import 它）。"""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # 没有网络、也没有 tiktoken 缓存
+        pass
+    candidates = []
+    if os.environ.get("NFL_GPT2_VOCAB"):
+        candidates.append(Path(os.environ["NFL_GPT2_VOCAB"]))
+    candidates.append(Path(__file__).resolve().parent / "models" / "gpt2.tiktoken")
+    spec = importlib.util.find_spec("whisper")  # 只查找包的位置，不执行它的代码
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidates.append(Path(folder) / "assets" / "gpt2.tiktoken")
+    for path in candidates:
+        if path.is_file():
+            # .tiktoken 格式：每行"base64(字节串) 排名"
+            lines = path.read_text(encoding="ascii").split("\n")
+            ranks = {base64.b64decode(tok): int(rank)
+                     for tok, rank in (line.split() for line in lines if line)}
+            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": 50256})
+    raise UserError(
+        "找不到 GPT-2 词表：tiktoken 无法联网下载。请任选其一：联网运行一次；"
+        "或 pip install --no-deps openai-whisper（自带 gpt2.tiktoken）；"
+        "或把 gpt2.tiktoken 放到 models/ 下，或用环境变量 NFL_GPT2_VOCAB 指向它。")
+
+
+def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
+    """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
+        return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
+                                 mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"分词器文件 {path} 已损坏或格式不对：{err}") from None
+
+
+# 来自 03_gpt.py：GPT 模型与生成（LayerNorm、GELU 是换成融合内核的变体）
+class LayerNorm(nn.Module):
+    """层归一化：把每个词向量的各维减均值、除标准差，再学一个缩放 scale 和平移 shift。"""
+
+    def __init__(self, emb_dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps  # 防止方差为 0 时除以 0
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        # 与 03 的手写公式完全相同，只是交给 F.layer_norm 一个融合内核完成（训练快约三成）
+        return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU 的 tanh 近似（GPT-2 训练时用的就是它）：x·Φ(x) 的一个便宜的光滑近似。"""
+
+    def forward(self, x):
+        # 03 里手写的 tanh 近似公式，这里交给一个融合内核（数值一致，省去一串逐元素运算）
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """逐位置的两层 MLP：先升到 4 倍宽度给模型"思考空间"，再投影回 emb_dim。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """因果多头注意力（02_attention.py 的高效版，另加 SDPA 快速路径）。
+    use_sdpa=True 时调用 F.scaled_dot_product_attention：数学相同，但融合成一个内核，更快更省内存。"""
+
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
+                 use_sdpa=True):
+        super().__init__()
+        assert d_out % num_heads == 0, "d_out 必须能被 num_heads 整除"
+        self.d_out, self.num_heads = d_out, num_heads
+        self.head_dim = d_out // num_heads
+        self.use_sdpa = use_sdpa
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)  # 把各头的结果再混合一次
+        self.dropout = nn.Dropout(dropout)
+        # 掩码是 buffer：随 .to(device) 移动；persistent=False 让它不进 state_dict
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        b, num_tokens, _ = x.shape
+        # (b, num_tokens, d_out) -> (b, num_heads, num_tokens, head_dim)
+        q, k, v = (w(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.W_query, self.W_key, self.W_value))
+        if self.use_sdpa:
+            p = self.dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+            context = self.dropout(torch.softmax(scores, dim=-1)) @ v
+        # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, d_out)
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN Transformer 块：x + 注意力(LN(x))，再 x + 前馈(LN(x))。捷径连接让梯度直达底层。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
+            dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"],
+            use_sdpa=cfg.get("use_sdpa", True))
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT：词嵌入 + 位置嵌入 → n_layers 个 Transformer 块 → 最终 LayerNorm → 输出头（每个词表项一个分数）。"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.apply(self._init_weights)
+        # 每个块有两条残差支路往 x 上累加；按 1/√(2·n_layers) 缩小它们的输出投影，
+        # 否则层数越多，残差流的方差越大（GPT-2 论文的做法）
+        for name, param in self.named_parameters():
+            if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
+
+    @staticmethod
+    def _init_weights(module):
+        # GPT-2 的初始化：权重 N(0, 0.02)，偏置 0；比 PyTorch 默认初始化训练得更稳
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, in_idx):
+        _, seq_len = in_idx.shape
+        positions = torch.arange(seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # (b, seq_len, emb_dim)
+        x = self.final_norm(self.trf_blocks(x))
+        return self.out_head(x)  # (b, seq_len, vocab_size) 的 logits
+
+
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
+             eos_id=None):
+    """自回归生成：每步只看最后 context_size 个词，取最后一个位置的 logits 选出下一个词。
+    temperature=0 为贪心；top_k 只在前 k 个候选里抽；top_p 只在累计概率达到 p 的最小集合里抽。"""
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context_size:])[:, -1, :].float()  # (b, vocab_size)
+        if temperature <= 0.0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p is not None:
+                sorted_logits, order = torch.sort(logits, descending=True)
+                cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+                # 去掉"前面的累计概率已经 ≥ top_p"的词，但至少保留概率最大的那个
+                drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+                logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+        if eos_id is not None and bool((next_id == eos_id).all()):
+            break  # 所有序列都生成了结束符：停止
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+# 来自 03_gpt.py：设备与计时工具
+def resolve_device(name):
+    """auto 按 cuda > mps > cpu 选；显式要求的设备不可用时给出中文错误。"""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("要求使用 CUDA，但本机 torch 看不到可用的 NVIDIA GPU；请改用 --device cpu")
+    if name == "mps" and not has_mps:
+        raise UserError("要求使用 MPS，但本机不支持 Apple GPU（MPS）；请改用 --device cpu")
+    return torch.device(name)
+
+
+def sync(device):
+    if device.type != "cpu":  # GPU 的运算是异步排队的：计时前后都要等它真正算完
+        getattr(torch, device.type).synchronize()
+
+
+def time_matmul(device, dtype, n, reps):
+    """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    # 取最快而不是平均：慢的那几次多半被预热、别的进程或频率爬升拖慢了
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        # 结果不用保存；在 GPU 上这一行只是把内核排进队列，真正的等待发生在 sync 里
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    # n×n 乘 n×n：n² 个输出元素，每个要 n 次乘加 = 2n³ FLOPs
+    return 2 * n ** 3 / best
+
+
+def measure_matmul_peak(device, dtype, seconds=0.05):
+    """本机矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
+    再挑单次约 seconds 秒的尺寸细测：太小的矩阵测不出峰值，太大的又太费时
+    （没有 bf16 硬件的 CPU 上，bf16 矩阵乘会慢几十倍）。"""
+    n = 256
+    for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
+        rate = time_matmul(device, dtype, n, reps=3)
+        # 单次耗时 = 2n³ / rate，令它等于 seconds 反解出 n；
+        # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
+        n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
+    return time_matmul(device, dtype, n, reps=5), n
+
+
+def build_on_meta(cfg):
+    """在 meta 设备上建模型：张量只有形状、没有数据，数 15 亿个参数也不占内存、不花时间。"""
+    with torch.device("meta"):
+        return GPTModel(cfg)
+
+
+# 来自 03_gpt.py：下载并载入 Hugging Face 上的 GPT-2 权重
+HF_REPOS = {name: f"openai-community/{name}"
+            for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+# —— 从 Hugging Face 下载文件（只用标准库 urllib） ——
+# 权重文件动辄几百 MB 到几 GB：要能断点续传，也绝不能让半截文件冒充完整文件
+
+
+def _total_size(headers, have):
+    """文件总字节数：206 响应看 Content-Range（"bytes 100-999/1000" 斜杠后面），
+    200 响应看 Content-Length；都没有就是未知（None）。"""
+    tail = (headers.get("Content-Range") or "").rsplit("/", 1)[-1]
+    if tail.isdigit():
+        return int(tail)
+    length = headers.get("Content-Length")
+    return have + int(length) if length and length.isdigit() else None
+
+
+def _copy_with_progress(response, out, done, total, name):
+    shown = None
+    # 每次读 1 MB 就写盘：文件可能有几 GB，不能整个读进内存
+    while chunk := response.read(1 << 20):
+        out.write(chunk)
+        done += len(chunk)
+        text = f"{100 * done // total}% / {total / 2**20:.0f} MB" if total else f"{done >> 20} MB"
+        if text != shown:  # 变了才刷新，免得刷屏
+            # \r 回到行首覆盖上一次的进度，不换行；flush 让进度立刻显示出来
+            print(f"\r  下载 {name}：{text}", end="", flush=True)
+            shown = text
+    print()
+
+
+def _fetch_into(url, part):
+    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。"""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url)
+    if os.environ.get("HF_TOKEN"):  # 受限（gated）模型需要访问令牌
+        request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        # timeout 只限制单次等待（连接、每次读），防止网络卡住时永远挂着
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not have:
+            raise
+        part.unlink()  # 416：.part 不比服务器上的文件短，说明它不可信，删掉从头下载
+        return _fetch_into(url, part)
+    # 206 = 服务器接受了 Range，接着写；200 = 服务器从头发送，那就从头写
+    resumed = response.status == 206
+    part.parent.mkdir(parents=True, exist_ok=True)  # 连上了才建目录：断网时什么都不留下
+    with response, open(part, "ab" if resumed else "wb") as out:
+        total = _total_size(response.headers, have if resumed else 0)
+        _copy_with_progress(response, out, have if resumed else 0, total, part.stem)
+    return total
+
+
+def download_hf_file(repo_id, filename, dest_dir):
+    """下载 HF 仓库里的一个文件到 dest_dir，返回本地路径；已经下载过就直接用。
+    数据先写进 filename.part，大小核对无误才改成正式文件名——所以正式文件永远是完整的。"""
+    dest = Path(dest_dir) / filename
+    # 正式文件只会由末尾的原子改名产生，所以存在即完整，不必再校验
+    if dest.is_file():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    # HF_ENDPOINT 可换成镜像，例如国内常用的 https://hf-mirror.com；路径格式与官方相同
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    # resolve/main/ 表示取 main 分支上的版本，这是 HF 下载单个文件的固定路径格式
+    url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
+    try:
+        total = _fetch_into(url, part)
+    except urllib.error.HTTPError as err:
+        hint = "需要访问令牌：请设置环境变量 HF_TOKEN" if err.code in (401, 403) else "请检查模型名"
+        raise UserError(f"下载 {url} 失败：HTTP {err.code}，{hint}") from None
+    except (OSError, http.client.HTTPException) as err:  # 断网、超时、连接被拒、中途断开……
+        raise UserError(
+            f"无法下载 {url}（{err}）。网络不通时可以：设置镜像，如 "
+            "export HF_ENDPOINT=https://hf-mirror.com 后重试（已下载的部分会续传）；或在别处下载好 "
+            "config.json 和 model.safetensors 放进一个目录，再用 --init 该目录。") from None
+    # 这一步必不可少：连接被对方提前关闭时，read() 只会返回空字节而不报错
+    if total is not None and part.stat().st_size != total:
+        raise UserError(f"{filename} 只下载了 {part.stat().st_size}/{total} 字节，"
+                        "连接中途断开；重新运行会从断点续传")
+    os.replace(part, dest)  # 原子改名：要么没有正式文件，要么它是完整的
+    return dest
+
+
+# —— 自己读 safetensors：8 字节头长度 + JSON 头 + 原始数据 ——
+# safetensors 只存数据、不存代码，比 pickle 格式的 .bin 安全；格式简单到几十行就能读懂。
+# JSON 头形如 {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, N]}, …}，
+# data_offsets 是相对数据区开头（即 8 + 头长度 处）的字节范围 [起, 止)。
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # 正常的头只有几十 KB；大得离谱说明文件坏了
+
+
+def _bad(path, reason):
+    return UserError(f"{path} 不是有效的 safetensors 文件：{reason}")
+
+
+def _is_uint_list(value, length=None):
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _check_entries(header, data_size, path):
+    """逐个校验头里描述的张量，返回按起点排序的 [(起, 止, 名字, dtype, 形状)]。"""
+    if not isinstance(header, dict):
+        raise _bad(path, "头部不是 JSON 对象")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":  # 自由填写的附加信息，不是张量
+            continue
+        # 头来自文件、不可信：每个字段先查类型再用，坏文件得到一句中文说明，而不是奇怪的异常
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None:
+            raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not _is_uint_list(shape) or not _is_uint_list(offsets, 2) or offsets[0] > offsets[1]:
+            raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
+        if offsets[1] > data_size:
+            raise _bad(path, f"张量 {name} 的数据超出了文件末尾（{offsets[1]} > {data_size}）")
+        # 字节数必须恰好等于 元素个数 × 每个元素的字节数，否则张量会读错位
+        if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+            raise _bad(path, f"张量 {name} 的字节数与形状 {shape} × {info['dtype']} 对不上")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    # 按起点排好序后，只需比较相邻两项就能查出任何重叠
+    entries.sort(key=lambda e: e[:2])
+    for prev, cur in zip(entries, entries[1:]):
+        if cur[0] < prev[1]:
+            raise _bad(path, f"张量 {prev[2]} 和 {cur[2]} 的数据区重叠")
+    return entries
+
+
+def read_safetensors(path):
+    """读取 .safetensors，返回 {名字: torch.Tensor}。数据不复制：张量是内存映射文件上的视图，
+    操作系统只在真正用到时才把那几页读进内存，所以加载几 GB 的模型也只占约一份权重的内存。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到权重文件 {path}")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")  # 8 字节小端无符号整数
+        if len(prefix) < 8 or not 0 < header_len <= min(MAX_HEADER_BYTES, file_size - 8):
+            raise _bad(path, f"头长度 {header_len} 不合理（文件共 {file_size} 字节）")
+        try:
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        except ValueError as err:
+            raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
+        # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
+        data_start = 8 + header_len
+        entries = _check_entries(header, file_size - data_start, path)
+        # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
+        # 不必手动关闭映射：每个张量都引用着它，最后一个张量被回收时自动解除。
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if file_size > data_start else None
+    tensors = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            # 映射的是整个文件，offset 要从文件开头算，所以加上 data_start；reshape 也只是视图
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
+                                             offset=data_start + begin).reshape(shape)
+    return tensors
+
+
+# —— 把 GPT-2 的参数名对应到我们的模型 ——
+# HF 的 GPT-2 与我们的 GPTModel 是同一个网络，只是名字和存法不同：
+#   wte/wpe → tok_emb/pos_emb；h.N → trf_blocks.N；ln_1/ln_2/ln_f 的 weight/bias → scale/shift；
+#   HF 用的 Conv1D 把权重存成 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
+#   c_attn 把 Q、K、V 三个投影拼成一个，要切成三份；输出头与 wte 共享同一个矩阵。
+
+TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # 都是 tanh 近似的 GELU
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"找不到 {path}") from None
+    except ValueError as err:
+        raise UserError(f"{path} 不是合法的 JSON：{err}") from None
+
+
+def gpt2_config_from_hf(conf, folder):
+    """HF 的 config.json → (我们的 cfg, LayerNorm 的 eps)。不支持的变体直接报错，而不是悄悄算错。"""
+    try:
+        cfg = {"vocab_size": conf["vocab_size"], "context_length": conf["n_positions"],
+               "emb_dim": conf["n_embd"], "n_heads": conf["n_head"], "n_layers": conf["n_layer"],
+               "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
+    # 逐条排除 GPTModel 表达不了的变体：别的激活函数、FFN 宽度不是 4 倍、
+    # 注意力分数按层号额外缩放、或者不除以 √head_dim
+    if (conf.get("model_type", "gpt2") != "gpt2"
+            or conf.get("activation_function", "gelu_new") not in TANH_GELU_NAMES
+            or conf.get("n_inner") not in (None, 4 * cfg["emb_dim"])
+            or conf.get("scale_attn_by_inverse_layer_idx")
+            or not conf.get("scale_attn_weights", True)):
+        raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
+    # eps 不是参数，不在权重文件里，只能从 config 读；GPT-2 用的是 1e-5
+    return cfg, conf.get("layer_norm_epsilon", 1e-5)
+
+
+def read_weight_folder(folder):
+    """读目录里的全部权重：大模型常被切成多个分片，由 model.safetensors.index.json 列出。"""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        # weight_map 是 {参数名: 分片文件名}：许多参数在同一个分片里，所以去重
+        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} 里没有 *.safetensors 权重文件")
+    weights = {}
+    for name in files:
+        # 每个分片都只是内存映射，合并进一个字典也不复制数据
+        weights.update(read_safetensors(folder / name))
+    return weights
+
+
+def map_block(take, src, dst):
+    """一个 Transformer 块：HF 的 h.N.* → 我们的 trf_blocks.N.*。切片和 .t() 都只是视图，不复制。"""
+    state = {}
+    # c_attn 权重 (emb, 3·emb)：输出维上依次是 Q、K、V；切三份再各自转置成 (emb, emb)
+    weights = take(f"{src}attn.c_attn.weight").chunk(3, dim=1)
+    biases = take(f"{src}attn.c_attn.bias").chunk(3)
+    for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
+        state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
+    # 其余三个 Conv1D 同样要转置：注意力的输出投影，前馈网络的升维 c_fc 与降维 c_proj
+    # （我们的 ff.layers.0 / layers.2；layers.1 是没有参数的 GELU）
+    for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                          ("mlp.c_proj", "ff.layers.2")):
+        state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
+        state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
+    # ln_1 在注意力之前、ln_2 在前馈之前，对应 Pre-LN 块里的 norm1 / norm2
+    for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+        state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
+        state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
+    return state
+
+
+def map_hf_to_ours(hf, n_layers, folder):
+    # save_pretrained 写出的键带 "transformer." 前缀，官方文件不带：统一去掉。
+    # 官方文件里的 h.N.attn.bias / masked_bias 是因果掩码，我们自己会建，所以根本不取。
+    hf = {key.removeprefix("transformer."): value for key, value in hf.items()}
+
+    def take(key):
+        if key not in hf:
+            raise UserError(f"{folder} 的权重里缺少 {key}")
+        # 半精度（fp16/bf16）的文件在这里转成 fp32；本来就是 fp32 的直接用原张量，不复制
+        return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
+
+    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
+             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
+    for i in range(n_layers):
+        state.update(map_block(take, f"h.{i}.", f"trf_blocks.{i}."))
+    # 官方 GPT-2 的输出头就是 wte（权重共享），文件里没有 lm_head.weight；有的话就用它
+    has_head = "lm_head.weight" in hf
+    state["out_head.weight"] = take("lm_head.weight") if has_head else state["tok_emb.weight"]
+    return state
+
+
+def resolve_gpt2_dir(name_or_dir):
+    # 先认模型名、再认本地目录：当前目录下恰好有个叫 gpt2 的文件夹时，仍按模型名下载
+    if name_or_dir in HF_REPOS:
+        folder = MODELS_DIR / name_or_dir
+        for filename in ("config.json", "model.safetensors"):
+            download_hf_file(HF_REPOS[name_or_dir], filename, folder)
+        return folder
+    if Path(name_or_dir).is_dir():
+        return Path(name_or_dir)
+    raise UserError(f"未知模型 {name_or_dir!r}：可选 random、{'、'.join(HF_REPOS)}，"
+                    "或一个含 config.json 和 *.safetensors 的本地目录")
+
+
+def load_gpt2_hf(name_or_dir):
+    """加载 GPT-2：名字（gpt2、gpt2-medium、gpt2-large、gpt2-xl，自动下载并缓存到 models/）
+    或本地目录（config.json + *.safetensors）。返回 (eval 模式的 GPTModel, cfg)。"""
+    folder = resolve_gpt2_dir(name_or_dir)
+    cfg, eps = gpt2_config_from_hf(read_json(folder / "config.json"), folder)
+    # 这一步只建立内存映射和视图，一个字节的权重都还没有真正读进内存
+    state = map_hf_to_ours(read_weight_folder(folder), cfg["n_layers"], folder)
+    model = build_on_meta(cfg)  # 只有形状：不分配内存，也省掉随机初始化的时间
+    try:
+        # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
+        # 所以整个加载过程只有一份权重
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as err:
+        raise UserError(f"{folder} 的权重与 config.json 对不上：{err}") from None
+    if state["out_head.weight"] is state["tok_emb.weight"]:
+        model.out_head.weight = model.tok_emb.weight  # 真正共享同一个参数，而不是两个参数对象
+    # 因果掩码是 persistent=False 的 buffer，不在 state_dict 里，所以还留在 meta 上：
+    # 在 CPU 上重建一份，各层共用（它只读不写）
+    length = cfg["context_length"]
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.mask = mask
+        # eps 也不在 state_dict 里：按 config 逐层设置
+        elif isinstance(module, LayerNorm):
+            module.eps = eps
+    return model.eval(), cfg
 
 
 if __name__ == "__main__":
