@@ -20,10 +20,12 @@ import os
 import random
 import sys
 import time
+from array import array
 from collections import Counter, defaultdict
 from itertools import chain, compress, repeat
 from pathlib import Path
 
+import numpy as np
 import regex
 import tiktoken
 import torch
@@ -157,11 +159,12 @@ class SimpleTokenizer:
 # 一个前导空格；数字每 3 位一段（"12345" -> "123" "45"），算术题里的数才有规律可学。
 PROJECT_PAT = (r"""'(?:[sdmt]|ll|ve|re)|\p{Han}+| ?[^\P{L}\p{Han}]+|\p{N}{1,3}"""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# 下面四个常量服务于编码：缓存上限、长片段阈值只影响速度，换成别的值编出的 id 也完全相同
-_NO_MERGE = 1 << 62                        # "这两段拼起来不是词元"，比任何 rank 都大
+# 下面几个常量服务于编码：缓存上限、长片段阈值、批量阈值只影响速度，换成别的值编出的 id 也完全相同
+_NO_MERGE = (1 << 31) - 1                  # "这两段拼起来不是词元"，比任何 rank 都大；放得进 numpy 的 int64 高 32 位
 _BYTES = [bytes([i]) for i in range(256)]  # 预先做好的单字节 bytes，省得反复创建
 _CACHE_LIMIT = 1 << 18                     # 片段缓存最多这么多条，超了就清空，防止内存无限涨
 _LONG_PIECE = 256                          # 超过这么多字节的片段改用堆来合并
+_BATCH_MIN = 64                            # 一次遇到这么多没见过的片段，才值得交给 numpy 批量合并
 
 
 def _special_regex(tokens):
@@ -278,6 +281,27 @@ def _char_windows(token):
     return [(token[a:b], token[b:c]) for a, b, c in zip(starts, ends, ends[1:])]
 
 
+# UTF-8 字符长 1~4 个字节；_SLICES[n] = (所有多字节子串, 所有前缀, 所有后缀) 的切片，预先做好
+_SLICES = {n: ([slice(i, j) for i in range(n) for j in range(i + 2, n + 1)],
+               [slice(0, i) for i in range(1, n + 1)], [slice(i, n) for i in range(n)])
+           for n in range(1, 5)}
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _ragged(offsets, lengths):
+    """把 table[offsets[k] : offsets[k] + lengths[k]] (k = 0, 1, ...) 首尾相接时要取的下标。"""
+    # 例：offsets=[5, 0]、lengths=[2, 3] -> [5, 6, 0, 1, 2]
+    out_starts = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum())) + np.repeat(offsets - out_starts, lengths)
+
+
 class BPETokenizer:
     """字节级 BPE。ranks：词元字节串 -> id（id 越小越早学到、越优先合并）。
     BPETokenizer() 是只有 256 个单字节词元的未训练分词器。"""
@@ -299,19 +323,33 @@ class BPETokenizer:
         # 特殊词元不参与合并、不在 ranks 里，但解码时也要能还原成它的文字
         self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
         self._special_re = _special_regex(self.special_tokens) if self.special_tokens else None
-        # 每个"跨字符边界的窗口"占一个二进制位；非 ASCII 的排前面，使汉字的位掩码是小整数
-        windows = sorted({w for tok in self.ranks for w in _char_windows(tok)},
-                         key=lambda w: (w[0].isascii() and w[1].isascii(), w))
-        self._left_bits, self._right_bits = defaultdict(int), defaultdict(int)
-        # _left_bits[片段] 的第 bit 位为 1 = 这个片段是第 bit 个窗口的左半边；右边同理
-        for bit, (left, right) in enumerate(windows):
-            self._left_bits[left] |= 1 << bit
-            self._right_bits[right] |= 1 << bit
+        # 编码提速用的表（见下面"批量编码"）：_leave[片段] = 这个片段后面紧跟字符边界的词元里最小的
+        # rank，_enter[片段] = 紧跟在字符边界后面的；跨过某条字符边界的词元，rank 不会小于这两者
+        self._leave, self._enter = {}, {}
+        for tok, rank in self.ranks.items():
+            for left, right in _char_windows(tok):
+                self._leave[left] = min(rank, self._leave.get(left, _NO_MERGE))
+                self._enter[right] = min(rank, self._enter.get(right, _NO_MERGE))
+        self._byte_ids = list(map(self.ranks.get, _BYTES))  # 字节 -> 它的 rank（GPT-2 里不等于字节值）
+        # 文字 -> rank：查"整个片段是不是词元"时不必先把片段编码成字节（半个字的词元不会是整个片段）
+        self._text_ranks = {tok.decode("utf-8"): rank for tok, rank in self.ranks.items()
+                            if tok.isascii() or _is_utf8(tok)}
+        self._pairs = None  # (左 id, 右 id) -> 拼接后的 rank 的有序表；第一次批量编码时才建
         self.clear_cache()
 
     def clear_cache(self):
-        # 片段 -> ids、安全小段 -> ids、字符 -> 左/右掩码：四个缓存都只为提速，清空不影响结果
-        self._cache, self._chunks, self._lefts, self._rights = {}, {}, {}, {}
+        # 两个缓存都只为提速，清空不影响结果。片段缓存不给每个片段存一个列表（几万个小列表本身就慢）：
+        # _cache[片段] = 编号 k，第 k 个片段的 ids 是 _ids[_starts[k] : _starts[k] + _lengths[k]]
+        self._cache, self._ids, self._starts, self._lengths = {}, array("q"), array("q"), array("q")
+        self._chars = {}  # 字 -> 合并信息（见下面"批量编码"）
+
+    def _remember(self, pieces, ids, lengths):
+        """把一批片段的结果存进缓存：ids 是各片段的 ids 首尾相接，lengths 是各片段的词元数。"""
+        lengths = np.asarray(lengths, np.int64)
+        self._cache.update(zip(pieces, range(len(self._starts), len(self._starts) + len(pieces))))
+        self._starts.frombytes((np.cumsum(lengths) - lengths + len(self._ids)).tobytes())
+        self._lengths.frombytes(lengths.tobytes())
+        self._ids.frombytes(np.asarray(ids, np.int64).tobytes())
 
     @property
     def n_vocab(self):
@@ -395,65 +433,168 @@ class BPETokenizer:
         # 被并掉的位置是 None，跳过它们，剩下的按顺序就是各段
         return [self.ranks[part] for part in parts if part is not None]
 
-    # 加速的关键观察：合并出的每一段都必须是词元。若词表里没有任何词元跨过某个字符边界
-    # （例如 GPT-2 里几乎没有跨两个汉字的词元），这个边界两侧永远不会合在一起，在这里切开、
-    # 两边各自合并，结果与整段合并完全相同。切出的小段（单字、常见词）反复出现，算一次就缓存。
-    def _char_masks(self, ch):
-        data = ch.encode("utf-8")
-        left = right = 0
-        # 一个字符最多 4 个字节，循环很短；每个字符只算一次，结果存在缓存里
-        for i in range(len(data)):
-            left |= self._left_bits.get(data[i:], 0)       # ch 的某个后缀出现在窗口左侧
-            right |= self._right_bits.get(data[:i + 1], 0)  # ch 的某个前缀出现在窗口右侧
-        return left, right
-
-    def _glued(self, piece):
-        """第 i 项非零 = piece[i] 与 piece[i+1] 的掩码有公共位 = 可能有词元跨过这个边界，不能切。"""
-        lefts, rights = self._lefts, self._rights
-        # 两个字符的掩码按位与：同一个窗口的位两边都为 1，说明可能有词元跨过这个边界
-        return list(map(operator.and_, map(lefts.__getitem__, piece),
-                        map(rights.__getitem__, piece[1:])))
-
-    def _safe_chunks(self, piece):
-        try:
-            glued = self._glued(piece)
-        except KeyError:  # 有没见过的字：先算它的掩码
-            for ch in set(piece).difference(self._lefts):
-                self._lefts[ch], self._rights[ch] = self._char_masks(ch)
-            glued = self._glued(piece)
-        if not any(glued):  # 常见情形（如 GPT-2 遇到汉字）：每个字各成一段
-            return list(piece)
-        # 切点 = 所有不粘连的边界（下标 1..len-1），再补上头尾；相邻两个切点围成一段
-        cuts = [0, *compress(range(1, len(piece)), map(operator.not_, glued)), len(piece)]
-        # 例：'甲乙丙丁' 的 glued=[0, 5, 0]（只有乙丙可能相连）-> 切成 '甲' '乙丙' '丁'
-        return list(map(piece.__getitem__, map(slice, cuts, cuts[1:])))
-
     def _encode_piece(self, piece):
         data = piece.encode("utf-8")
-        # 捷径：整个片段本身就是词元（常见词），查一次表就完事
-        rank = self.ranks.get(data)
-        if rank is not None:
-            return [rank]
-        if len(piece) == 1 or piece.isascii():  # 英文片段几乎处处相连，切分不划算
-            return self._merge(data)
-        # 非 ASCII 片段（如一长串汉字）：先在安全边界切成小段，各段分别合并再拼起来
-        chunks, memo = self._safe_chunks(piece), self._chunks
-        # 小段不走捷径：tiktoken 只对整个预分词片段查表；小段即使本身是词元，
-        # 按合并规则也未必拼得出它，走捷径就会与 tiktoken 结果不同
-        for chunk in set(chunks).difference(memo):
-            memo[chunk] = self._merge(chunk.encode("utf-8"))  # 注意：小段不走"整段是词元"的捷径
-        return list(chain.from_iterable(map(memo.__getitem__, chunks)))
+        # 捷径：整个片段本身就是词元（常见词），查一次表就完事；tiktoken 也是这样做的
+        rank = self._text_ranks.get(piece)
+        return [rank] if rank is not None else self._merge(data)
 
     def _encode_text(self, text):
         pieces = self._pattern.findall(text)
+        if not pieces:
+            return []
         # 缓存太大就整个清空：比 LRU 简单，常见片段很快又会被缓存回来
         if len(self._cache) > _CACHE_LIMIT:
             self.clear_cache()
-        cache = self._cache
-        for piece in set(pieces).difference(cache):  # 只有没见过的片段才需要真正去合并
-            cache[piece] = self._encode_piece(piece)
-        # 按原顺序把各片段的 ids 首尾相接；chain 在 C 里拼接，比反复 += 快
-        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        new = list(set(pieces).difference(self._cache))  # 只有没见过的片段才需要真正去合并
+        if len(new) < _BATCH_MIN:  # 少量片段：逐个合并，省掉 numpy 的固定开销
+            results = list(map(self._encode_piece, new))
+            self._remember(new, list(chain.from_iterable(results)), list(map(len, results)))
+        else:
+            self._encode_batch(new)
+        # 按原顺序取出每个片段的编号，再一次性从 _ids 里取出各自那一截、首尾相接
+        which = np.fromiter(map(self._cache.__getitem__, pieces), np.int64, len(pieces))
+        # frombuffer 不复制数据，直接把 array 的内存当作 numpy 数组来读
+        starts = np.frombuffer(self._starts, np.int64)[which]
+        lengths = np.frombuffer(self._lengths, np.int64)[which]
+        return np.frombuffer(self._ids, np.int64)[_ragged(starts, lengths)].tolist()
+
+    # ---- 批量编码：大段文本时，纯 Python 也能接近 tiktoken ----
+    # 逐个片段合并时，每合并一次都要跑一圈 Python 循环；没见过的片段成千上万，慢在这里。三步提速：
+    # 1) 字先在字内合并完。设字 c 单独合并时用到的 rank 都不超过 inner(c)（c 内各多字节子串词元
+    #    rank 的最大值），而跨过 c 两侧边界的词元 rank 都至少是 cross(c)。若 inner(c) < cross(c)：
+    #    c 没合并完时，它下一步的字内合并总比任何跨边界合并优先，所以 c 一定先独立合并完，才会和
+    #    邻居相连。于是直接从"c 单独合并的结果"出发，结果与从字节出发完全一样（每个字单独判断，
+    #    不满足的字照旧从字节出发）。项目词表里常用汉字本身就是词元，一个字 3 个字节变成 1 段。
+    # 2) 拆成互不相干的小段。两个相邻的字之间若没有任何词元能跨过，它们永远不会合到一起：
+    #    各自独立合并即可。GPT-2 词表几乎没有跨两个汉字的词元，汉字串就拆成了一个个单字。
+    # 3) 一轮处理所有小段。把所有小段排进一个 numpy 数组，每一轮让每个小段各做一次"它自己 rank
+    #    最小（并列取最左）的合并"——每段内部的合并顺序与逐个合并完全相同，只是几万段同时做。
+    def _char_info(self, ch):
+        """(inner, 进入 ch 的词元的 rank 下界, 离开 ch 的下界, ch 单独合并的结果, ch 的各字节 id)。"""
+        data = ch.encode("utf-8")
+        subs, prefixes, suffixes = _SLICES[len(data)]
+        inner = max(map(self.ranks.get, map(data.__getitem__, subs), repeat(-1)), default=-1)
+        # 跨边界的词元只可能含 ch 的一个前缀（从左边进入 ch）或一个后缀（从 ch 离开到右边）
+        k_in = min(map(self._enter.get, map(data.__getitem__, prefixes), repeat(_NO_MERGE)))
+        k_out = min(map(self._leave.get, map(data.__getitem__, suffixes), repeat(_NO_MERGE)))
+        byte_ids = list(map(self._byte_ids.__getitem__, data))
+        # 没有任何多字节子串是词元时，单独合并什么也不会发生
+        return inner, k_in, k_out, self._merge(data) if inner >= 0 else byte_ids, byte_ids
+
+    def _pair_ranks(self, left, right):
+        """向量化查表：left[k]、right[k] 两个词元拼起来的 rank，不是词元则为 _NO_MERGE。"""
+        if self._pairs is None:  # 列出每个词元的所有"两个词元拼成它"的拆法，按键排好序
+            width, get, keys, ranks = self.n_vocab, self.ranks.get, [], []
+            for tok, rank in self.ranks.items():
+                for cut in range(1, len(tok)):
+                    a, b = get(tok[:cut]), get(tok[cut:])
+                    if a is not None and b is not None:
+                        keys.append(a * width + b)
+                        ranks.append(rank)
+            order = np.argsort(keys)
+            # 末尾放一个比任何键都大的哨兵：searchsorted 找不到时落在它上面，不会越界
+            self._pairs = (width, np.append(np.array(keys, np.int64)[order], np.iinfo(np.int64).max),
+                           np.append(np.array(ranks, np.int64)[order], _NO_MERGE))
+        width, keys, ranks = self._pairs
+        query = left * width + right
+        at = np.searchsorted(keys, query)  # 二分查找，全部查询一次在 C 里做完
+        return np.where(keys[at] == query, ranks[at], _NO_MERGE)
+
+    def _encode_batch(self, new):
+        """把一批没见过的片段编码、存进缓存：整段是词元的、很长的照旧处理，其余一起批量合并。"""
+        # 下面都用 map/compress 在 C 里逐项处理：几万个片段，Python 循环每一趟都要好几毫秒
+        ranks = list(map(self._text_ranks.get, new))
+        found = list(map(operator.is_not, ranks, repeat(None)))
+        # 整段就是词元的：直接存（tiktoken 的规则）
+        self._remember(list(compress(new, found)), list(compress(ranks, found)), [1] * sum(found))
+        rest = list(compress(new, map(operator.not_, found)))
+        # 很长的片段（轮数 = 段内合并次数，太长会拖慢所有轮）单独用堆合并；一个字最多 4 个字节
+        sizes = list(map(len, rest))
+        short = list(map(operator.le, sizes, repeat(_LONG_PIECE // 4)))
+        long = list(compress(rest, map(operator.not_, short)))
+        results = [self._merge_long(piece.encode("utf-8")) for piece in long]
+        self._remember(long, list(chain.from_iterable(results)), list(map(len, results)))
+        pieces, lengths = list(compress(rest, short)), np.array(list(compress(sizes, short)), np.int64)
+        if not pieces:
+            return
+        # 每个字的信息：字符换成码位，np.unique 找出不同的字和每个位置是第几种字
+        codes = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32)
+        chars, which = np.unique(codes, return_inverse=True)
+        infos = []
+        for ch in map(chr, chars.tolist()):
+            if ch not in self._chars:
+                self._chars[ch] = self._char_info(ch)
+            infos.append(self._chars[ch])
+        inner, k_in, k_out = (np.array(column, np.int64)[which] for column in list(zip(*infos))[:3])
+        # cross[i]：跨过第 i 个字左边那条边界的词元，rank 至少多大；片段开头没有边界，记 _NO_MERGE
+        piece_start = np.zeros(len(codes), bool)
+        piece_start[np.cumsum(lengths) - lengths] = True
+        cross = np.full(len(codes), _NO_MERGE, np.int64)
+        cross[1:] = np.maximum(k_out[:-1], k_in[1:])
+        cross[piece_start] = _NO_MERGE
+        premerged = inner < np.minimum(cross, np.append(cross[1:], _NO_MERGE))  # 第 1) 步的条件
+        # 每种字有两种写法：第 2k 项是单独合并的结果，第 2k+1 项是各个字节；按条件挑一种接起来
+        forms = [form for info in infos for form in info[3:]]
+        form_len = np.fromiter(map(len, forms), np.int64, len(forms))
+        table = np.fromiter(chain.from_iterable(forms), np.int64, int(form_len.sum()))
+        pick = 2 * which + ~premerged
+        counts = form_len[pick]
+        ids = table[_ragged(np.cumsum(form_len)[pick] - counts, counts)]
+        # 第 2) 步：小段从"左边没有词元能跨过"的字开始；记下每个小段属于第几个片段
+        seg_char = np.flatnonzero(cross == _NO_MERGE)
+        starts = (np.cumsum(counts) - counts)[seg_char]
+        seg_piece = np.cumsum(piece_start)[seg_char] - 1
+        # pair[k] = 第 k、k+1 两段拼起来的 rank。不用查的：每个小段的最后一段（右边没有对）、
+        # 同一个预合并字内部的两段（已经合并完，必定拼不成词元）
+        owner = np.repeat(np.arange(len(codes)), counts)  # 每一段属于第几个字
+        inside = np.ones(len(ids), bool)
+        inside[np.append(starts[1:], len(ids)) - 1] = False
+        inside[:-1] &= (owner[:-1] != owner[1:]) | ~premerged[owner[:-1]]
+        k = np.flatnonzero(inside)
+        pair = np.full(len(ids), _NO_MERGE, np.int64)
+        pair[k] = self._pair_ranks(ids[k], ids[k + 1])
+        # 第 3) 步，然后把各小段的结果按片段拼回去，存进缓存
+        seg_ids, seg_len = self._merge_rounds(ids, pair, starts)
+        self._remember(pieces, seg_ids, np.bincount(seg_piece, weights=seg_len, minlength=len(pieces)))
+
+    def _merge_rounds(self, ids, pair, starts):
+        """ids：所有小段首尾相接；starts：各小段的起点。每一轮每段合并一次，合并完的段移出数组。
+        返回（按小段原顺序拼好的最终 ids, 每个小段最终的词元数）。"""
+        seg = np.arange(len(starts))  # 还在合并的各小段原来是第几段
+        done = []                     # 每项：(段号, 各段词元数, 这些段的 ids)
+        position = np.arange(len(ids))
+        while len(starts):
+            sizes = np.diff(starts, append=len(ids))
+            # 键 = rank × 2^32 + 位置：每段取最小的键，就同时得到最小 rank 和（并列时）最左的位置
+            best = np.minimum.reduceat((pair << 32) | position[:len(ids)], starts)
+            rank, at = best >> 32, best & 0xFFFFFFFF
+            finished = rank == _NO_MERGE  # 没有可合并的对：这段已是最终结果，移出去
+            drop = np.repeat(finished, sizes)
+            if finished.any():
+                done.append((seg[finished], sizes[finished], ids[drop]))
+            live = ~finished
+            seg, rank, at, starts = seg[live], rank[live], at[live], starts[live]
+            # 其余每段把 at、at+1 两段并成一段：新 id 就是这个对的 rank，第 at+1 项删掉
+            ids[at] = rank
+            drop[at + 1] = True
+            ids, pair = ids[~drop], pair[~drop]
+            # 位置 p 及之前删掉了 shift[p] 项：留下来的项都前移这么多
+            shift = np.cumsum(drop)
+            at, starts = at - shift[at], starts - shift[starts]
+            # 只有新段与左右邻居的两个对变了
+            pair[at] = _NO_MERGE
+            right = at[at + 1 < np.append(starts[1:], len(ids))]
+            pair[right] = self._pair_ranks(ids[right], ids[right + 1])
+            left = at[at > starts] - 1
+            pair[left] = self._pair_ranks(ids[left], ids[left + 1])
+        seg_done, sizes, chunks = (np.concatenate(column) for column in zip(*done))
+        # 各段是按合并完的先后移出的：按段号算出每段在结果里的位置，再把各段放回去
+        final = np.zeros(len(seg_done), np.int64)
+        final[seg_done] = sizes
+        out = np.empty(len(chunks), np.int64)
+        out[_ragged((np.cumsum(final) - final)[seg_done], sizes)] = chunks
+        return out, final
 
     def encode_ordinary(self, text):
         """编码，特殊词元的文字当普通文本处理。"""
