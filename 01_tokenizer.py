@@ -281,18 +281,46 @@ def _char_windows(token):
     return [(token[a:b], token[b:c]) for a, b, c in zip(starts, ends, ends[1:])]
 
 
-# UTF-8 字符长 1~4 个字节；_SLICES[n] = (所有多字节子串, 所有前缀, 所有后缀) 的切片，预先做好
-_SLICES = {n: ([slice(i, j) for i in range(n) for j in range(i + 2, n + 1)],
-               [slice(0, i) for i in range(1, n + 1)], [slice(i, n) for i in range(n)])
-           for n in range(1, 5)}
+# ---- 批量编码（见 BPETokenizer 里"批量编码"的说明）用到的 numpy 小工具 ----
+def _sorted_table(keys, values):
+    """键值对 -> 按键排好序的两个数组，供 _lookup 二分查找；末尾放一个比任何键都大的哨兵，
+    查不到的键落在它上面，不会越界。"""
+    keys, values = np.array(keys, np.int64), np.array(values, np.int64)
+    order = np.argsort(keys)
+    return np.append(keys[order], np.iinfo(np.int64).max), np.append(values[order], 0)
 
 
-def _is_utf8(data):
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
+def _lookup(table, query, default):
+    """向量化查表：query 里每个键对应的值，查不到的给 default。"""
+    keys, values = table
+    at = np.searchsorted(keys, query)  # 二分查找，全部查询一次在 C 里做完
+    return np.where(keys[at] == query, values[at], default)
+
+
+# 1~4 个字节的串 -> 一个整数键：字节按大端拼成整数，长度放在高位（区分 b'a' 和 b'\x00a'）
+def _bytes_key(grid):
+    """grid 的每一行是一串等长的字节（取值 0..255 的整数）：一次算出所有行的键。"""
+    key = np.full(len(grid), grid.shape[1] << 32, np.int64)
+    for k in range(grid.shape[1]):
+        key |= grid[:, k] << (8 * (grid.shape[1] - 1 - k))
+    return key
+
+
+def _fragment_table(ranks):
+    """{不超过 4 个字节的串: rank} -> _lookup 用的表（键与 _bytes_key 相同）；更长的串用不到，跳过。"""
+    short = [(frag, rank) for frag, rank in ranks.items() if len(frag) <= 4]
+    return _sorted_table([len(frag) << 32 | int.from_bytes(frag, "big") for frag, _ in short],
+                         [rank for _, rank in short])
+
+
+def _in_order(seg, sizes, ids):
+    """ids 是若干小段的结果按任意顺序首尾相接，seg/sizes 是它们的段号和长度（段号恰好是 0..n-1）。
+    返回按段号顺序重排后的 ids 和各段长度。"""
+    final = np.zeros(len(seg), np.int64)
+    final[seg] = sizes
+    out = np.empty(len(ids), np.int64)
+    out[_ragged((np.cumsum(final) - final)[seg], sizes)] = ids
+    return out, final
 
 
 def _ragged(offsets, lengths):
@@ -323,25 +351,37 @@ class BPETokenizer:
         # 特殊词元不参与合并、不在 ranks 里，但解码时也要能还原成它的文字
         self._decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
         self._special_re = _special_regex(self.special_tokens) if self.special_tokens else None
-        # 编码提速用的表（见下面"批量编码"）：_leave[片段] = 这个片段后面紧跟字符边界的词元里最小的
-        # rank，_enter[片段] = 紧跟在字符边界后面的；跨过某条字符边界的词元，rank 不会小于这两者
-        self._leave, self._enter = {}, {}
+        # 批量编码用的查表（见下面"批量编码"），都做成 _lookup 用的有序数组：
+        # _leave[片段] = 这个片段后面紧跟字符边界的词元里最小的 rank，_enter[片段] = 紧跟在字符边界
+        # 后面的；跨过某条字符边界的词元，rank 不会小于这两者。片段不超过 4 个字节（一个字以内）
+        leave, enter = {}, {}
         for tok, rank in self.ranks.items():
             for left, right in _char_windows(tok):
-                self._leave[left] = min(rank, self._leave.get(left, _NO_MERGE))
-                self._enter[right] = min(rank, self._enter.get(right, _NO_MERGE))
-        self._byte_ids = list(map(self.ranks.get, _BYTES))  # 字节 -> 它的 rank（GPT-2 里不等于字节值）
+                leave[left] = min(rank, leave.get(left, _NO_MERGE))
+                enter[right] = min(rank, enter.get(right, _NO_MERGE))
+        self._leave, self._enter = _fragment_table(leave), _fragment_table(enter)
+        self._short_tokens = _fragment_table({tok: r for tok, r in self.ranks.items() if len(tok) > 1})
+        # 字节 -> 它的 rank（GPT-2 里不等于字节值）
+        self._byte_ids = np.array([self.ranks.get(b, -1) for b in _BYTES], np.int64)
         # 文字 -> rank：查"整个片段是不是词元"时不必先把片段编码成字节（半个字的词元不会是整个片段）
-        self._text_ranks = {tok.decode("utf-8"): rank for tok, rank in self.ranks.items()
-                            if tok.isascii() or _is_utf8(tok)}
-        self._pairs = None  # (左 id, 右 id) -> 拼接后的 rank 的有序表；第一次批量编码时才建
+        texts = (tok.decode("utf-8", "replace") for tok in self.ranks)
+        self._text_ranks = {text: rank for text, (tok, rank) in zip(texts, self.ranks.items())
+                            if text.encode("utf-8") == tok}
+        # (左 id, 右 id) -> 两者拼起来的 rank：列出每个词元所有"两个词元拼成它"的拆法
+        keys, values = [], []
+        for tok, rank in self.ranks.items():
+            for cut in range(1, len(tok)):
+                left, right = self.ranks.get(tok[:cut]), self.ranks.get(tok[cut:])
+                if left is not None and right is not None:
+                    keys.append(left << 32 | right)
+                    values.append(rank)
+        self._pairs = _sorted_table(keys, values)
         self.clear_cache()
 
     def clear_cache(self):
-        # 两个缓存都只为提速，清空不影响结果。片段缓存不给每个片段存一个列表（几万个小列表本身就慢）：
+        # 片段缓存只为提速，清空不影响结果。它不给每个片段存一个列表（建几万个小列表本身就慢）：
         # _cache[片段] = 编号 k，第 k 个片段的 ids 是 _ids[_starts[k] : _starts[k] + _lengths[k]]
         self._cache, self._ids, self._starts, self._lengths = {}, array("q"), array("q"), array("q")
-        self._chars = {}  # 字 -> 合并信息（见下面"批量编码"）
 
     def _remember(self, pieces, ids, lengths):
         """把一批片段的结果存进缓存：ids 是各片段的 ids 首尾相接，lengths 是各片段的词元数。"""
@@ -467,39 +507,89 @@ class BPETokenizer:
     #    邻居相连。于是直接从"c 单独合并的结果"出发，结果与从字节出发完全一样（每个字单独判断，
     #    不满足的字照旧从字节出发）。项目词表里常用汉字本身就是词元，一个字 3 个字节变成 1 段。
     # 2) 拆成互不相干的小段。两个相邻的字之间若没有任何词元能跨过，它们永远不会合到一起：
-    #    各自独立合并即可。GPT-2 词表几乎没有跨两个汉字的词元，汉字串就拆成了一个个单字。
+    #    各自独立合并即可。GPT-2 词表几乎没有跨两个汉字的词元，汉字串就拆成了一个个单字，
+    #    单字小段就是这个字单独合并的结果，什么都不用再做。
     # 3) 一轮处理所有小段。把所有小段排进一个 numpy 数组，每一轮让每个小段各做一次"它自己 rank
     #    最小（并列取最左）的合并"——每段内部的合并顺序与逐个合并完全相同，只是几万段同时做。
-    def _char_info(self, ch):
-        """(inner, 进入 ch 的词元的 rank 下界, 离开 ch 的下界, ch 单独合并的结果, ch 的各字节 id)。"""
-        data = ch.encode("utf-8")
-        subs, prefixes, suffixes = _SLICES[len(data)]
-        inner = max(map(self.ranks.get, map(data.__getitem__, subs), repeat(-1)), default=-1)
-        # 跨边界的词元只可能含 ch 的一个前缀（从左边进入 ch）或一个后缀（从 ch 离开到右边）
-        k_in = min(map(self._enter.get, map(data.__getitem__, prefixes), repeat(_NO_MERGE)))
-        k_out = min(map(self._leave.get, map(data.__getitem__, suffixes), repeat(_NO_MERGE)))
-        byte_ids = list(map(self._byte_ids.__getitem__, data))
-        # 没有任何多字节子串是词元时，单独合并什么也不会发生
-        return inner, k_in, k_out, self._merge(data) if inner >= 0 else byte_ids, byte_ids
+    # 以上用到的查表都做成"有序键数组 + 二分查找"（_lookup），一次查几十万个键也只是几次 numpy 调用。
+    def _char_table(self, chars):
+        """chars：一批不同的字（字符串）。返回每个字的 inner、进入它的词元 rank 下界 k_in、离开它的
+        下界 k_out，以及它的两种写法：单独合并的结果、各个字节（都是"表, 起点, 长度"三个数组）。"""
+        codes = np.frombuffer("".join(chars).encode("utf-32-le"), np.uint32)
+        size = 1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000)  # UTF-8 字节数
+        raw = np.frombuffer("".join(chars).encode("utf-8"), np.uint8).astype(np.int64)
+        first = np.cumsum(size) - size
+        grid = np.zeros((len(chars), 4), np.int64)  # grid[c, k] = 第 c 个字的第 k 个字节
+        for k in range(4):
+            grid[size > k, k] = raw[first[size > k] + k]
+        inner = np.full(len(chars), -1, np.int64)
+        k_in, k_out = np.full(len(chars), _NO_MERGE, np.int64), np.full(len(chars), _NO_MERGE, np.int64)
+        for i in range(4):
+            for j in range(i + 1, 5):  # 子串 grid[:, i:j]，只对够长的字有意义
+                rows = np.flatnonzero(size >= j)
+                key = _bytes_key(grid[rows, i:j])
+                if j - i >= 2:  # 多字节子串：字内合并可能用到的词元
+                    inner[rows] = np.maximum(inner[rows], _lookup(self._short_tokens, key, -1))
+                if i == 0:      # 前缀：从左边进入这个字的词元会含它
+                    k_in[rows] = np.minimum(k_in[rows], _lookup(self._enter, key, _NO_MERGE))
+                ends = size[rows] == j  # 后缀：从这个字离开到右边的词元会含它
+                k_out[rows[ends]] = np.minimum(k_out[rows[ends]],
+                                               _lookup(self._leave, key[ends], _NO_MERGE))
+        byte_ids = self._byte_ids[raw]
+        # 单独合并：有多字节子串是词元的字才可能合并，把它们当作一个个小段一起合并
+        busy = np.flatnonzero(inner >= 0)
+        merged, merged_len = self._merge_segments(byte_ids[_ragged(first[busy], size[busy])],
+                                                  np.cumsum(size[busy]) - size[busy])
+        alone_len = size.copy()
+        alone_len[busy] = merged_len
+        alone = np.concatenate([byte_ids, merged])  # 没合并的字直接指向它的字节
+        alone_first = first.copy()
+        alone_first[busy] = len(byte_ids) + np.cumsum(merged_len) - merged_len
+        return inner, k_in, k_out, (alone, alone_first, alone_len), (byte_ids, first, size)
 
     def _pair_ranks(self, left, right):
         """向量化查表：left[k]、right[k] 两个词元拼起来的 rank，不是词元则为 _NO_MERGE。"""
-        if self._pairs is None:  # 列出每个词元的所有"两个词元拼成它"的拆法，按键排好序
-            width, get, keys, ranks = self.n_vocab, self.ranks.get, [], []
-            for tok, rank in self.ranks.items():
-                for cut in range(1, len(tok)):
-                    a, b = get(tok[:cut]), get(tok[cut:])
-                    if a is not None and b is not None:
-                        keys.append(a * width + b)
-                        ranks.append(rank)
-            order = np.argsort(keys)
-            # 末尾放一个比任何键都大的哨兵：searchsorted 找不到时落在它上面，不会越界
-            self._pairs = (width, np.append(np.array(keys, np.int64)[order], np.iinfo(np.int64).max),
-                           np.append(np.array(ranks, np.int64)[order], _NO_MERGE))
-        width, keys, ranks = self._pairs
-        query = left * width + right
-        at = np.searchsorted(keys, query)  # 二分查找，全部查询一次在 C 里做完
-        return np.where(keys[at] == query, ranks[at], _NO_MERGE)
+        return _lookup(self._pairs, left << 32 | right, _NO_MERGE)
+
+    def _merge_segments(self, ids, starts):
+        """对每个小段 ids[starts[s] : starts[s+1]] 执行合并规则。返回（各段结果按段的顺序首尾相接,
+        各段的词元数）。每一轮每段合并一次，合并完的段移出数组。"""
+        if not len(starts):
+            return ids[:0], starts[:0]
+        # pair[k] = 第 k、k+1 两项拼起来的 rank；每段最后一项的右边没有对
+        pair = np.full(len(ids), _NO_MERGE, np.int64)
+        inside = np.ones(len(ids), bool)
+        inside[np.append(starts[1:], len(ids)) - 1] = False
+        k = np.flatnonzero(inside)
+        pair[k] = self._pair_ranks(ids[k], ids[k + 1])
+        seg = np.arange(len(starts))  # 还在合并的各小段原来是第几段
+        done = []                     # 每项：(段号, 各段词元数, 这些段的 ids)
+        position = np.arange(len(ids))
+        while len(starts):
+            sizes = np.diff(starts, append=len(ids))
+            # 键 = rank × 2^32 + 位置：每段取最小的键，就同时得到最小 rank 和（并列时）最左的位置
+            best = np.minimum.reduceat((pair << 32) | position[:len(ids)], starts)
+            rank, at = best >> 32, best & 0xFFFFFFFF
+            finished = rank == _NO_MERGE  # 没有可合并的对：这段已是最终结果，移出去
+            drop = np.repeat(finished, sizes)
+            if finished.any():
+                done.append((seg[finished], sizes[finished], ids[drop]))
+            live = ~finished
+            seg, rank, at, starts = seg[live], rank[live], at[live], starts[live]
+            # 其余每段把 at、at+1 两项并成一项：新 id 就是这个对的 rank，第 at+1 项删掉
+            ids[at] = rank
+            drop[at + 1] = True
+            ids, pair = ids[~drop], pair[~drop]
+            # 位置 p 及之前删掉了 shift[p] 项：留下来的项都前移这么多
+            shift = np.cumsum(drop)
+            at, starts = at - shift[at], starts - shift[starts]
+            # 只有新项与左右邻居的两个对变了
+            pair[at] = _NO_MERGE
+            right = at[at + 1 < np.append(starts[1:], len(ids))]
+            pair[right] = self._pair_ranks(ids[right], ids[right + 1])
+            left = at[at > starts] - 1
+            pair[left] = self._pair_ranks(ids[left], ids[left + 1])
+        return _in_order(*(np.concatenate(column) for column in zip(*done)))
 
     def _encode_batch(self, new):
         """把一批没见过的片段编码、存进缓存：整段是词元的、很长的照旧处理，其余一起批量合并。"""
@@ -518,83 +608,41 @@ class BPETokenizer:
         pieces, lengths = list(compress(rest, short)), np.array(list(compress(sizes, short)), np.int64)
         if not pieces:
             return
-        # 每个字的信息：字符换成码位，np.unique 找出不同的字和每个位置是第几种字
-        codes = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32)
-        chars, which = np.unique(codes, return_inverse=True)
-        infos = []
-        for ch in map(chr, chars.tolist()):
-            if ch not in self._chars:
-                self._chars[ch] = self._char_info(ch)
-            infos.append(self._chars[ch])
-        inner, k_in, k_out = (np.array(column, np.int64)[which] for column in list(zip(*infos))[:3])
+        # 每个位置是第几种字：先找出不同的字，再用"码位 -> 编号"的大表一次查完
+        text = "".join(pieces)
+        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        chars = list(set(text))
+        number = np.zeros(0x110000, np.int32)  # 全部 Unicode 码位；np.zeros 只在用到的页上真正分配内存
+        number[np.frombuffer("".join(chars).encode("utf-32-le"), np.uint32)] = np.arange(len(chars))
+        which = number[codes]
+        inner, k_in, k_out, alone, raw = self._char_table(chars)
         # cross[i]：跨过第 i 个字左边那条边界的词元，rank 至少多大；片段开头没有边界，记 _NO_MERGE
         piece_start = np.zeros(len(codes), bool)
         piece_start[np.cumsum(lengths) - lengths] = True
-        cross = np.full(len(codes), _NO_MERGE, np.int64)
-        cross[1:] = np.maximum(k_out[:-1], k_in[1:])
+        cross = np.maximum(np.append(_NO_MERGE, k_out[which[:-1]]), k_in[which])
         cross[piece_start] = _NO_MERGE
-        premerged = inner < np.minimum(cross, np.append(cross[1:], _NO_MERGE))  # 第 1) 步的条件
-        # 每种字有两种写法：第 2k 项是单独合并的结果，第 2k+1 项是各个字节；按条件挑一种接起来
-        forms = [form for info in infos for form in info[3:]]
-        form_len = np.fromiter(map(len, forms), np.int64, len(forms))
-        table = np.fromiter(chain.from_iterable(forms), np.int64, int(form_len.sum()))
-        pick = 2 * which + ~premerged
-        counts = form_len[pick]
-        ids = table[_ragged(np.cumsum(form_len)[pick] - counts, counts)]
-        # 第 2) 步：小段从"左边没有词元能跨过"的字开始；记下每个小段属于第几个片段
-        seg_char = np.flatnonzero(cross == _NO_MERGE)
-        starts = (np.cumsum(counts) - counts)[seg_char]
-        seg_piece = np.cumsum(piece_start)[seg_char] - 1
-        # pair[k] = 第 k、k+1 两段拼起来的 rank。不用查的：每个小段的最后一段（右边没有对）、
-        # 同一个预合并字内部的两段（已经合并完，必定拼不成词元）
-        owner = np.repeat(np.arange(len(codes)), counts)  # 每一段属于第几个字
-        inside = np.ones(len(ids), bool)
-        inside[np.append(starts[1:], len(ids)) - 1] = False
-        inside[:-1] &= (owner[:-1] != owner[1:]) | ~premerged[owner[:-1]]
-        k = np.flatnonzero(inside)
-        pair = np.full(len(ids), _NO_MERGE, np.int64)
-        pair[k] = self._pair_ranks(ids[k], ids[k + 1])
-        # 第 3) 步，然后把各小段的结果按片段拼回去，存进缓存
-        seg_ids, seg_len = self._merge_rounds(ids, pair, starts)
-        self._remember(pieces, seg_ids, np.bincount(seg_piece, weights=seg_len, minlength=len(pieces)))
-
-    def _merge_rounds(self, ids, pair, starts):
-        """ids：所有小段首尾相接；starts：各小段的起点。每一轮每段合并一次，合并完的段移出数组。
-        返回（按小段原顺序拼好的最终 ids, 每个小段最终的词元数）。"""
-        seg = np.arange(len(starts))  # 还在合并的各小段原来是第几段
-        done = []                     # 每项：(段号, 各段词元数, 这些段的 ids)
-        position = np.arange(len(ids))
-        while len(starts):
-            sizes = np.diff(starts, append=len(ids))
-            # 键 = rank × 2^32 + 位置：每段取最小的键，就同时得到最小 rank 和（并列时）最左的位置
-            best = np.minimum.reduceat((pair << 32) | position[:len(ids)], starts)
-            rank, at = best >> 32, best & 0xFFFFFFFF
-            finished = rank == _NO_MERGE  # 没有可合并的对：这段已是最终结果，移出去
-            drop = np.repeat(finished, sizes)
-            if finished.any():
-                done.append((seg[finished], sizes[finished], ids[drop]))
-            live = ~finished
-            seg, rank, at, starts = seg[live], rank[live], at[live], starts[live]
-            # 其余每段把 at、at+1 两段并成一段：新 id 就是这个对的 rank，第 at+1 项删掉
-            ids[at] = rank
-            drop[at + 1] = True
-            ids, pair = ids[~drop], pair[~drop]
-            # 位置 p 及之前删掉了 shift[p] 项：留下来的项都前移这么多
-            shift = np.cumsum(drop)
-            at, starts = at - shift[at], starts - shift[starts]
-            # 只有新段与左右邻居的两个对变了
-            pair[at] = _NO_MERGE
-            right = at[at + 1 < np.append(starts[1:], len(ids))]
-            pair[right] = self._pair_ranks(ids[right], ids[right + 1])
-            left = at[at > starts] - 1
-            pair[left] = self._pair_ranks(ids[left], ids[left + 1])
-        seg_done, sizes, chunks = (np.concatenate(column) for column in zip(*done))
-        # 各段是按合并完的先后移出的：按段号算出每段在结果里的位置，再把各段放回去
-        final = np.zeros(len(seg_done), np.int64)
-        final[seg_done] = sizes
-        out = np.empty(len(chunks), np.int64)
-        out[_ragged((np.cumsum(final) - final)[seg_done], sizes)] = chunks
-        return out, final
+        cross_after = np.append(cross[1:], _NO_MERGE)
+        premerged = inner[which] < np.minimum(cross, cross_after)  # 第 1) 步的条件
+        # 第 2) 步：小段从"左边没有词元能跨过"的字开始；两侧都跨不过的字自成一段，结果就是单独合并的结果
+        seg_first = cross == _NO_MERGE
+        single = seg_first & (cross_after == _NO_MERGE)
+        # 其余的字按条件挑一种写法（单独合并的结果或各个字节）接起来，交给第 3) 步
+        rest_chars = np.flatnonzero(~single)
+        table = np.concatenate([alone[0], raw[0]])
+        form_first = np.where(premerged, alone[1][which], len(alone[0]) + raw[1][which])[rest_chars]
+        form_len = np.where(premerged, alone[2][which], raw[2][which])[rest_chars]
+        part_first = np.cumsum(form_len) - form_len
+        merged, merged_len = self._merge_segments(table[_ragged(form_first, form_len)],
+                                                  part_first[seg_first[rest_chars]])
+        # 两类小段按原来的顺序放回去，再按片段数一数每个片段有几个词元
+        seg_number = np.cumsum(seg_first) - 1
+        ones = which[single]
+        ids, seg_len = _in_order(
+            np.concatenate([seg_number[single], seg_number[rest_chars[seg_first[rest_chars]]]]),
+            np.concatenate([alone[2][ones], merged_len]),
+            np.concatenate([alone[0][_ragged(alone[1][ones], alone[2][ones])], merged]))
+        seg_piece = (np.cumsum(piece_start) - 1)[seg_first]
+        self._remember(pieces, ids, np.bincount(seg_piece, weights=seg_len, minlength=len(pieces)))
 
     def encode_ordinary(self, text):
         """编码，特殊词元的文字当普通文本处理。"""
