@@ -126,6 +126,63 @@ def test_heap_merge_equals_scan_merge(project):
         assert project[0]._merge_long(data) == project[0]._merge(data), data
 
 
+def scrambled_text(length, seed):
+    """字节味很重的随机文本：常用字、随机的 2/3/4 字节字符、英文字母、空白和标点混在一起。"""
+    rng = random.Random(seed)
+    pools = [lambda: rng.choice("abc xyz ABC"), lambda: rng.choice("的是了在不有和人这中大为上个"),
+             lambda: chr(rng.randint(0x4E00, 0x4E60)), lambda: chr(rng.randint(0x80, 0x7FF)),
+             lambda: chr(rng.randint(0x1F600, 0x1F60F)), lambda: rng.choice(" \n\t，。0123456789")]
+    return "".join(rng.choice(pools)() for _ in range(length))
+
+
+@pytest.fixture(scope="module")
+def scrambled():
+    """一个"刁钻"的词表：在上面的文本上训练，有大量跨字符边界、半个字的词元，"字内先合并完"
+    的条件常常不成立，批量编码里从字节出发的那条路也会被走到。"""
+    tok = mod.BPETokenizer(name="scrambled").train(scrambled_text(20_000, seed=7), 1500)
+    return tok, tok.to_tiktoken()
+
+
+def stored_ids(tok, piece):
+    """缓存里这个片段的 ids（批量编码的结果只存在缓存里）。"""
+    k = tok._cache[piece]
+    return list(tok._ids[tok._starts[k]:tok._starts[k] + tok._lengths[k]])
+
+
+@pytest.mark.parametrize("vocab", ["project", "gpt2", "scrambled"])
+def test_batch_encoding_equals_piece_by_piece_and_tiktoken(vocab, request):
+    """几千个没见过的片段一次交给批量编码：每个片段都与逐个合并的结果相同，整段与 tiktoken 相同。"""
+    ours, ref = request.getfixturevalue(vocab)
+    texts = random_texts(300, seed=11) + [scrambled_text(20_000, seed=8)]
+    text = "".join(texts) + "".join(VARIED_TEXTS[1:])
+    ours.clear_cache()
+    assert ours.encode_ordinary(text) == ref.encode_ordinary(text)
+    pieces = sorted(set(ours._pattern.findall(text)))
+    assert len(pieces) > 10 * mod._BATCH_MIN  # 确实走了批量编码
+    assert all(stored_ids(ours, p) == ours._encode_piece(p) for p in pieces)
+    ours.clear_cache()  # 缓存为空时再编码同一批片段：结果不依赖编码的先后
+    assert ours.encode_ordinary("".join(reversed(texts))) == ref.encode_ordinary("".join(reversed(texts)))
+
+
+def test_scrambled_vocab_exercises_both_starting_points(scrambled):
+    """刁钻词表里既有能"字内先合并"的字，也有不能的（否则上面的测试只测到了一条路）。"""
+    tok = scrambled[0]
+    chars = sorted(set(scrambled_text(20_000, seed=9)))
+    inner, k_in, k_out, _, _ = tok._char_table(chars)
+    can_merge = inner >= 0
+    blocked = can_merge & ((inner >= k_in) | (inner >= k_out))
+    assert blocked.sum() >= 20 and (can_merge & ~blocked).sum() >= 20
+
+
+@pytest.mark.parametrize("vocab", ["project", "gpt2"])
+def test_encoding_is_within_3x_of_tiktoken(vocab, request):
+    """约 1 MB 没见过的中英混合文本、缓存为空：从零实现的耗时不超过 tiktoken 的 3 倍（各取最快一次）。"""
+    ours, ref = request.getfixturevalue(vocab)
+    text = mod.make_benchmark_text(mod.read_corpus(ROOT / "data" / "corpus"), 1_000_000, seed=5)
+    ratio, same = mod.benchmark(ours, ref, text, vocab, repeats=3)
+    assert same and ratio <= 3.0, f"慢了 {ratio:.1f} 倍"
+
+
 def test_lone_surrogate_is_replaced_like_tiktoken(project):
     ours, ref = project
     assert ours.encode_ordinary("a\ud800b") == ref.encode_ordinary("a\ud800b")
