@@ -2,11 +2,11 @@
 本章你会学到：
   1. 最朴素的分词：正则切词 + 查词表，以及它遇到生词时的毛病（<|unk|>）
   2. 字节级 BPE：预分词、训练（增量更新配对计数，几秒训练完）、编码、解码、特殊词元
-  3. 同一个从零写的编码器装上 GPT-2 的词表，与 tiktoken 逐 id 一致，并比较速度
+  3. 同一个从零写的编码器装上 GPT-2 的词表，与 tiktoken 逐 id 一致；批量编码让纯 Python 接近 tiktoken 的速度
   4. 项目自己的中文友好分词器：训练后写进 data/tokenizer.json，之后各章用 tiktoken 读取它
   5. 给 GPT 喂数据：滑动窗口数据集、词元嵌入 + 位置嵌入、"查表 = one-hot 乘矩阵"
-运行：python 01_tokenizer.py          # 全部演示：2 核 CPU 约 12 秒
-      python 01_tokenizer.py --quick  # 冒烟：约 4 秒
+运行：python 01_tokenizer.py          # 全部演示：2 核 CPU 约 10 秒
+      python 01_tokenizer.py --quick  # 冒烟：约 5 秒
       python 01_tokenizer.py --train  # 重新训练 data/tokenizer.json：约 6 秒（训练本身约 3–4 秒）
 """
 import argparse
