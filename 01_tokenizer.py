@@ -360,7 +360,8 @@ class BPETokenizer:
                 leave[left] = min(rank, leave.get(left, _NO_MERGE))
                 enter[right] = min(rank, enter.get(right, _NO_MERGE))
         self._leave, self._enter = _fragment_table(leave), _fragment_table(enter)
-        self._short_tokens = _fragment_table({tok: r for tok, r in self.ranks.items() if len(tok) > 1})
+        # 多字节的短词元：字内合并可能用到它们
+        self._short_tokens = _fragment_table({t: r for t, r in self.ranks.items() if len(t) > 1})
         # 字节 -> 它的 rank（GPT-2 里不等于字节值）
         self._byte_ids = np.array([self.ranks.get(b, -1) for b in _BYTES], np.int64)
         # 文字 -> rank：查"整个片段是不是词元"时不必先把片段编码成字节（半个字的词元不会是整个片段）
@@ -523,7 +524,8 @@ class BPETokenizer:
         for k in range(4):
             grid[size > k, k] = raw[first[size > k] + k]
         inner = np.full(len(chars), -1, np.int64)
-        k_in, k_out = np.full(len(chars), _NO_MERGE, np.int64), np.full(len(chars), _NO_MERGE, np.int64)
+        k_in = np.full(len(chars), _NO_MERGE, np.int64)
+        k_out = k_in.copy()
         for i in range(4):
             for j in range(i + 1, 5):  # 子串 grid[:, i:j]，只对够长的字有意义
                 rows = np.flatnonzero(size >= j)
@@ -605,7 +607,8 @@ class BPETokenizer:
         long = list(compress(rest, map(operator.not_, short)))
         results = [self._merge_long(piece.encode("utf-8")) for piece in long]
         self._remember(long, list(chain.from_iterable(results)), list(map(len, results)))
-        pieces, lengths = list(compress(rest, short)), np.array(list(compress(sizes, short)), np.int64)
+        pieces = list(compress(rest, short))
+        lengths = np.array(list(compress(sizes, short)), np.int64)
         if not pieces:
             return
         # 每个位置是第几种字：先找出不同的字，再用"码位 -> 编号"的大表一次查完
