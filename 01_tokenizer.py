@@ -15,6 +15,7 @@ import base64
 import heapq
 import importlib.util
 import json
+import math
 import operator
 import os
 import random
@@ -39,6 +40,21 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 class UserError(Exception):
     """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse 自带的报错是英文、还先打印一大段用法；改成一行中文，同样以状态码 2 退出。"""
+
+    def error(self, message):
+        print(f"错误：命令行参数有误（{message}）；用 --help 查看用法", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_range(flag, value, low, high):
+    """数值参数的范围检查：负数、零、NaN、无穷、大得离谱，都在开工之前用一行中文拒绝。"""
+    # math.isfinite 挡住 nan/inf：nan 与任何数比较都是 False，只写 low <= value 会让它溜过去
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{flag} 应在 {low} 到 {high} 之间，收到 {value}")
 
 
 # GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
@@ -950,7 +966,7 @@ def resolve_device(name):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="01：文本 -> 词元 -> 向量；从零实现并训练字节级 BPE")
+    parser = ArgParser(description="01：文本 -> 词元 -> 向量；从零实现并训练字节级 BPE")
     parser.add_argument("--quick", action="store_true", help="冒烟模式：小规模演示，几秒跑完")
     parser.add_argument("--train", action="store_true",
                         help="只做一件事：在语料上重新训练项目分词器并写入 --out")
@@ -966,7 +982,14 @@ def build_parser():
     return parser
 
 
+def check_args(args):
+    # 词表至少要装下 256 个单字节和结束符；上限是 tiktoken 与 uint32 token 缓存都能放下的量级
+    check_range("--vocab-size", args.vocab_size, 257, 1_000_000)
+    check_range("--seed", args.seed, 0, 2**32 - 1)
+
+
 def run(args):
+    check_args(args)
     docs = read_corpus(args.corpus)
     if args.train:
         train_and_save(docs, args.vocab_size, args.out)
