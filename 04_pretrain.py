@@ -1049,12 +1049,15 @@ class GPTModel(nn.Module):
 
 
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
-             eos_id=None):
+             eos_id=None, repetition_penalty=1.0):
     """自回归生成：每步只看最后 context_size 个词，取最后一个位置的 logits 选出下一个词。
-    temperature=0 为贪心；top_k 只在前 k 个候选里抽；top_p 只在累计概率达到 p 的最小集合里抽。"""
+    temperature=0 为贪心；top_k 只在前 k 个候选里抽；top_p 只在累计概率达到 p 的最小集合里抽；
+    repetition_penalty > 1 压低已出现过的词的分数。"""
     for _ in range(max_new_tokens):
         with torch.no_grad():
             logits = model(idx[:, -context_size:])[:, -1, :].float()  # (b, vocab_size)
+        if repetition_penalty != 1.0:
+            logits = penalize_repeats(logits, idx, repetition_penalty)
         if temperature <= 0.0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -1074,6 +1077,15 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
             break  # 所有序列都生成了结束符：停止
         idx = torch.cat([idx, next_id], dim=1)
     return idx
+
+
+def penalize_repeats(logits, idx, penalty):
+    """重复惩罚（CTRL 论文的做法）：小模型贪心解码容易陷进"““““"这样的循环——一个词一旦最可能，
+    生成它之后往往还是最可能。对已出现过的词，正分数除以 penalty、负分数乘以 penalty，都让它变小。"""
+    seen = torch.gather(logits, 1, idx)  # (b, 已有长度)：每个已出现词的当前分数
+    logits = logits.clone()
+    logits.scatter_(1, idx, torch.where(seen > 0, seen / penalty, seen * penalty))
+    return logits
 
 
 # 来自 03_gpt.py：设备与计时工具
