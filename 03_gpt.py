@@ -2,10 +2,10 @@
 本章你会学到：
   1. GPT 的积木：层归一化、GELU、前馈网络、捷径连接、Transformer 块，拼成完整的 GPTModel
   2. 模型有多大、多贵：参数量（含/不含权重共享）、内存、每个词元的 FLOPs、训练一轮要多久
-  3. 文本生成：贪心、温度、top-k、top-p，遇到结束符就停
+  3. 文本生成：贪心、温度、top-k、top-p、重复惩罚，遇到结束符就停
   4. 加载真正的 GPT-2 权重：自己下载、自己解析 safetensors、把 HF 的参数名对应到我们的模型
-运行：python 03_gpt.py            # 默认：2 核 CPU 约 17 秒（gpt2-small 尺寸，随机权重）
-      python 03_gpt.py --quick    # 冒烟：约 7 秒
+运行：python 03_gpt.py            # 默认：2 核 CPU 约 17 秒（gpt2-small 尺寸，随机权重；繁忙时实测 60 秒）
+      python 03_gpt.py --quick    # 冒烟：约 7 秒（别的进程占满 CPU 时实测 13 秒）
       python 03_gpt.py --init gpt2 --prompt "Every effort moves you"   # 需联网或镜像（HF_ENDPOINT）
 """
 import argparse
@@ -27,63 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ===== 1. 公共工具：错误类型与分词器（复制自 01_tokenizer.py，保持逐字相同） =====
-
-DATA_DIR = Path(__file__).resolve().parent / "data"
-
-
-class UserError(Exception):
-    """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
+# 本章用到的 UserError、ArgParser、check_range、分词器等来自 01/02，见文末附录；
+# 测速、下载与文件校验的细节在文末的进阶节。
 
 
-# GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
-GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-
-
-def get_gpt2_tokenizer():
-    """GPT-2 分词器（tiktoken）。离线时依次尝试：环境变量 NFL_GPT2_VOCAB 指向的 ranks 文件、
-    models/gpt2.tiktoken、已安装的 openai-whisper 包自带的 assets/gpt2.tiktoken（不 import 它）。"""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # 没有网络、也没有 tiktoken 缓存
-        pass
-    candidates = []
-    if os.environ.get("NFL_GPT2_VOCAB"):
-        candidates.append(Path(os.environ["NFL_GPT2_VOCAB"]))
-    candidates.append(Path(__file__).resolve().parent / "models" / "gpt2.tiktoken")
-    spec = importlib.util.find_spec("whisper")  # 只查找包的位置，不执行它的代码
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            candidates.append(Path(folder) / "assets" / "gpt2.tiktoken")
-    for path in candidates:
-        if path.is_file():
-            # .tiktoken 格式：每行"base64(字节串) 排名"
-            lines = path.read_text(encoding="ascii").split("\n")
-            ranks = {base64.b64decode(tok): int(rank)
-                     for tok, rank in (line.split() for line in lines if line)}
-            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
-                                     special_tokens={"<|endoftext|>": 50256})
-    raise UserError(
-        "找不到 GPT-2 词表：tiktoken 无法联网下载。请任选其一：联网运行一次；"
-        "或 pip install --no-deps openai-whisper（自带 gpt2.tiktoken）；"
-        "或把 gpt2.tiktoken 放到 models/ 下，或用环境变量 NFL_GPT2_VOCAB 指向它。")
-
-
-def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
-    """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
-        return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
-                                 mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"分词器文件 {path} 已损坏或格式不对：{err}") from None
-
-
-# ===== 2. 模型配置 =====
+# ===== 1. 模型配置 =====
 # 所有脚本用同一组键名。GPT-2 四种尺寸的数字是公开事实：词表 50257、上下文 1024、
 # Q/K/V 投影带偏置；四者只差在宽度 emb_dim、头数 n_heads 和层数 n_layers。
 # 四种 GPT-2 的 head_dim = emb_dim / n_heads 都是 64：变宽时加头数，而不是加宽每个头
@@ -107,9 +55,8 @@ HF_REPOS = {name: f"openai-community/{name}"
             for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
-# ===== 3. 积木：层归一化、GELU、前馈网络（04 及以后的脚本逐字复制这些类） =====
 
-
+# ===== 2. 积木：层归一化、GELU、前馈网络（04 及以后的脚本逐字复制这些类） =====
 class LayerNorm(nn.Module):
     """层归一化：把每个词向量的各维减均值、除标准差，再学一个缩放 scale 和平移 shift。"""
 
@@ -176,9 +123,7 @@ def demo_blocks():
     print(f"GELU 的 tanh 近似与精确（erf）版在 [-6, 6] 上最大只差 {gap:.1e}")
 
 
-# ===== 4. 捷径连接：让梯度直达底层 =====
-
-
+# ===== 3. 捷径连接：让梯度直达底层 =====
 class DeepMLP(nn.Module):
     """很深但很窄的 MLP：depth 层 Linear+GELU，可选在每层外面加捷径 x + f(x)。只用来观察梯度。"""
 
@@ -214,9 +159,7 @@ def demo_shortcut(depth=10):
               f"   底层/顶层 = {grads[0] / grads[-1]:.1e}")
 
 
-# ===== 5. 因果多头注意力（复制自 02_attention.py）、Transformer 块与 GPT 模型 =====
-
-
+# ===== 4. 因果多头注意力（02_attention.py 的高效版 + SDPA）、Transformer 块与 GPT 模型 =====
 class MultiHeadAttention(nn.Module):
     """因果多头注意力（02_attention.py 的高效版，另加 SDPA 快速路径）。
     use_sdpa=True 时调用 F.scaled_dot_product_attention：数学相同，但融合成一个内核，更快更省内存。"""
@@ -308,10 +251,8 @@ class GPTModel(nn.Module):
         return self.out_head(x)
 
 
-# ===== 6. 模型有多大、算一次要多少 =====
+# ===== 5. 模型有多大、算一次要多少 =====
 # 参数量决定要多少内存，FLOPs 决定要算多久：先在 meta 设备上数出来，再实测本机算力
-
-
 def build_on_meta(cfg):
     """在 meta 设备上建模型：张量只有形状、没有数据，数 15 亿个参数也不占内存、不花时间。"""
     with torch.device("meta"):
@@ -336,40 +277,6 @@ def forward_flops_per_token(model):
     linear = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     # 注意力本身：q·Kᵀ 与 权重·V 每层各 2·T·d；因果掩码下平均只看一半位置 → 2·层数·T·d
     return linear + 2 * cfg["n_layers"] * cfg["context_length"] * cfg["emb_dim"]
-
-
-def sync(device):
-    if device.type != "cpu":  # GPU 的运算是异步排队的：计时前后都要等它真正算完
-        getattr(torch, device.type).synchronize()
-
-
-def time_matmul(device, dtype, n, reps):
-    """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    # 取最快而不是平均：慢的那几次多半被预热、别的进程或频率爬升拖慢了
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        # 结果不用保存；在 GPU 上这一行只是把内核排进队列，真正的等待发生在 sync 里
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    # n×n 乘 n×n：n² 个输出元素，每个要 n 次乘加 = 2n³ FLOPs
-    return 2 * n ** 3 / best
-
-
-def measure_matmul_peak(device, dtype, seconds=0.05):
-    """本机矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
-    再挑单次约 seconds 秒的尺寸细测：太小的矩阵测不出峰值，太大的又太费时
-    （没有 bf16 硬件的 CPU 上，bf16 矩阵乘会慢几十倍）。"""
-    n = 256
-    for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
-        rate = time_matmul(device, dtype, n, reps=3)
-        # 单次耗时 = 2n³ / rate，令它等于 seconds 反解出 n；
-        # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
-        n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
-    return time_matmul(device, dtype, n, reps=5), n
 
 
 def print_size_table():
@@ -400,7 +307,10 @@ def print_epoch_estimate(device, quick):
     train_flops = 3 * forward_flops_per_token(build_on_meta(GPT_CONFIGS["gpt2-small"]))
     # 40% 是经验值：真实训练还有注意力、归一化、数据搬运等达不到峰值的开销
     epoch_tokens, utilisation = 10**9, 0.4  # 假设：一轮 10 亿个词元，只用到峰值的 40%
-    print(f"本机（{device.type}）矩阵乘峰值，由几次大矩阵乘实测、取最快：")
+    where = f"cpu，{torch.get_num_threads()} 线程" if device.type == "cpu" else device.type
+    # 这是"这台机器、此刻"的数：别的程序在抢 CPU 时会偏低，换台机器、换个时刻都会不同
+    print(f"本机此刻（{where}）的矩阵乘峰值：各测 10 次短矩阵乘、取最快（机器繁忙时偏低）：")
+    peaks = {}
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         try:
             # 有的设备或 torch 版本不支持 bf16 矩阵乘：只跳过这一行，不让整个脚本退出
@@ -408,17 +318,18 @@ def print_epoch_estimate(device, quick):
         except RuntimeError as err:
             print(f"  {label}：此设备不支持（{err}）")
             continue
+        peaks[label] = peak
         # 时间 = 总算力需求（词元数 × 每词元训练 FLOPs）÷ 实际吞吐（峰值 × 利用率）
         hours = epoch_tokens * train_flops / (peak * utilisation) / 3600
         print(f"  {label}（{n}×{n}）：{peak / 1e9:,.1f} GFLOP/s → 以峰值的 {utilisation:.0%} "
               f"训练 gpt2-small 一轮 {epoch_tokens:.0e} 个词元约 {hours:,.1f} 小时"
               f"（{hours / 24:,.1f} 天）")
+    if device.type == "cpu" and peaks.get("bf16", math.inf) < peaks.get("fp32", 0) / 2:
+        print("  bf16 反而慢得多：多半是这颗 CPU 没有原生 bf16 指令（avx512_bf16 / AMX），只能软件模拟")
 
 
-# ===== 7. 文本生成：贪心、温度、top-k、top-p =====
+# ===== 6. 文本生成：贪心、温度、top-k、top-p =====
 # 模型每步只给出下一个词的分数（logits）；怎样从分数里挑词是解码策略，与模型本身无关
-
-
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
              eos_id=None, repetition_penalty=1.0):
     """自回归生成：每步只看最后 context_size 个词，取最后一个位置的 logits 选出下一个词。
@@ -494,8 +405,18 @@ def demo_sampling(seed, samples=4000):
         print(" ".join(f"{v:6.2f}" for v in freq.tolist()) + f"   ← {label}")
 
 
-def generate_text(model, tok, prompt, args, device):
-    """用贪心和用户给的采样参数各生成一段，打印文本与速度。"""
+def demo_repetition_penalty(penalty=1.5, steps=6):
+    # logits 固定的假模型上，贪心每一步选的都是同一个词：这就是真实小模型"““““"循环的极端版。
+    # 惩罚把出现过的词的分数压低，下一个词就轮到没出现过的候选
+    model = FixedLogitsModel(torch.linspace(3.0, 2.3, 8))  # 8 个候选，分数依次略低
+    start = torch.tensor([[7]])
+    runs = [generate(model, start, steps, steps + 1, repetition_penalty=p)[0, 1:].tolist()
+            for p in (1.0, penalty)]
+    print(f"同一个假模型上贪心生成 {steps} 个词：不惩罚 {runs[0]}；重复惩罚 {penalty} {runs[1]}")
+
+
+def encode_prompt(tok, prompt, context_length):
+    """提示词 → 词元 id 列表，以及结束符的 id（分词器没有结束符时为 None）。"""
     # <|endoftext|> 在训练数据里分隔文档：生成到它说明模型认为"这篇写完了"，该停了
     eos_id = (tok.encode_single_token("<|endoftext|>")
               if "<|endoftext|>" in tok.special_tokens_set else None)
@@ -506,14 +427,25 @@ def generate_text(model, tok, prompt, args, device):
         if eos_id is None:
             raise UserError("提示词为空，而分词器没有 <|endoftext|> 可以作为开头")
         ids = [eos_id]
+    # 模型一次最多看 context_length 个词：更长的提示词只能丢掉开头，与其悄悄丢掉不如直说
+    if len(ids) > context_length:
+        raise UserError(f"提示词有 {len(ids)} 个词元，超过模型的上下文长度 {context_length}："
+                        "请缩短 --prompt")
+    return ids, eos_id
+
+
+def generate_text(model, tok, ids, eos_id, args, device):
+    """用贪心和用户给的采样参数各生成一段，打印文本与速度。"""
     # (1, 提示词长度)：模型要求有 batch 维，这里 batch 为 1
     idx = torch.tensor([ids], device=device)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    penalty = args.repetition_penalty
+    note = f"，重复惩罚 {penalty}" if penalty != 1.0 else ""
     for label, kwargs in (("贪心", {}), (f"采样 {sampling}", sampling)):
         torch.manual_seed(args.seed)  # 同一个 --seed 总是抽出同一段文字
         start = time.perf_counter()
         out = generate(model, idx, args.max_new_tokens, model.cfg["context_length"],
-                       eos_id=eos_id, **kwargs)
+                       eos_id=eos_id, repetition_penalty=penalty, **kwargs)
         # 停表前先同步：GPU 异步执行，不等它算完测到的只是排队时间
         sync(device)
         # 遇到结束符会提前停，所以新词元数可能少于 max_new_tokens
@@ -521,13 +453,317 @@ def generate_text(model, tok, prompt, args, device):
         speed = new / (time.perf_counter() - start)
         # 把换行显示成 ⏎，一段生成结果只占一行，方便对比
         text = tok.decode(out[0].tolist()).replace("\n", "⏎")
-        print(f"[{label}] {text}\n    （{new} 个新词元，{speed:.1f} 词元/秒）")
+        print(f"[{label}{note}] {text}\n    （{new} 个新词元，{speed:.1f} 词元/秒）")
 
 
-# ===== 8. 从 Hugging Face 下载文件（只用标准库 urllib） =====
+# ===== 7. 自己读 safetensors：8 字节头长度 + JSON 头 + 原始数据 =====
+# safetensors 只存数据、不存代码，比 pickle 格式的 .bin 安全；格式简单到几十行就能读懂。
+# JSON 头形如 {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, N]}, …}，
+# data_offsets 是相对数据区开头（即 8 + 头长度 处）的字节范围 [起, 止)。
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # 正常的头只有几十 KB；大得离谱说明文件坏了
+
+
+def read_safetensors(path):
+    """读取 .safetensors，返回 {名字: torch.Tensor}。数据不复制：张量是内存映射文件上的视图，
+    操作系统只在真正用到时才把那几页读进内存，所以加载几 GB 的模型也只占约一份权重的内存。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到权重文件 {path}")
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little")  # 8 字节小端无符号整数
+        if len(prefix) < 8 or not 0 < header_len <= min(MAX_HEADER_BYTES, file_size - 8):
+            raise _bad(path, f"头长度 {header_len} 不合理（文件共 {file_size} 字节）")
+        try:
+            header = json.loads(f.read(header_len).decode("utf-8"))
+        except ValueError:  # 包括 UTF-8 解码失败；不附 json 模块的英文说明
+            raise _bad(path, "头部不是合法的 UTF-8 JSON") from None
+        # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
+        data_start = 8 + header_len
+        entries = _check_entries(header, file_size - data_start, path)
+        # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
+        # 不必手动关闭映射：每个张量都引用着它，最后一个张量被回收时自动解除。
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if file_size > data_start else None
+    tensors = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            # 映射的是整个文件，offset 要从文件开头算，所以加上 data_start；reshape 也只是视图
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
+                                             offset=data_start + begin).reshape(shape)
+    return tensors
+
+
+# ===== 8. 把 GPT-2 的参数名对应到我们的模型 =====
+# HF 的 GPT-2 与我们的 GPTModel 是同一个网络，只是名字和存法不同：
+#   wte/wpe → tok_emb/pos_emb；h.N → trf_blocks.N；ln_1/ln_2/ln_f 的 weight/bias → scale/shift；
+#   HF 用的 Conv1D 把权重存成 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
+#   c_attn 把 Q、K、V 三个投影拼成一个，要切成三份；输出头与 wte 共享同一个矩阵。
+def map_block(take, src, dst):
+    """一个 Transformer 块：HF 的 h.N.* → 我们的 trf_blocks.N.*。切片和 .t() 都只是视图，不复制。"""
+    state = {}
+    # c_attn 权重 (emb, 3·emb)：输出维上依次是 Q、K、V；切三份再各自转置成 (emb, emb)
+    weights = take(f"{src}attn.c_attn.weight").chunk(3, dim=1)
+    biases = take(f"{src}attn.c_attn.bias").chunk(3)
+    for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
+        state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
+    # 其余三个 Conv1D 同样要转置：注意力的输出投影，前馈网络的升维 c_fc 与降维 c_proj
+    # （我们的 ff.layers.0 / layers.2；layers.1 是没有参数的 GELU）
+    for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
+                          ("mlp.c_proj", "ff.layers.2")):
+        state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
+        state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
+    # ln_1 在注意力之前、ln_2 在前馈之前，对应 Pre-LN 块里的 norm1 / norm2
+    for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
+        state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
+        state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
+    return state
+
+
+def map_hf_to_ours(hf, n_layers, folder):
+    # save_pretrained 写出的键带 "transformer." 前缀，官方文件不带：统一去掉。
+    # 官方文件里的 h.N.attn.bias / masked_bias 是因果掩码，我们自己会建，所以根本不取。
+    hf = {key.removeprefix("transformer."): value for key, value in hf.items()}
+
+    def take(key):
+        if key not in hf:
+            raise UserError(f"{folder} 的权重里缺少 {key}")
+        # 半精度（fp16/bf16）的文件在这里转成 fp32；本来就是 fp32 的直接用原张量，不复制
+        return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
+
+    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
+             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
+    for i in range(n_layers):
+        state.update(map_block(take, f"h.{i}.", f"trf_blocks.{i}."))
+    # 官方 GPT-2 的输出头就是 wte（权重共享），文件里没有 lm_head.weight；有的话就用它
+    has_head = "lm_head.weight" in hf
+    state["out_head.weight"] = take("lm_head.weight") if has_head else state["tok_emb.weight"]
+    return state
+
+
+def load_gpt2_hf(name_or_dir):
+    """加载 GPT-2：名字（gpt2、gpt2-medium、gpt2-large、gpt2-xl，自动下载并缓存到 models/）
+    或本地目录（config.json + *.safetensors）。返回 (eval 模式的 GPTModel, cfg)。"""
+    folder = resolve_gpt2_dir(name_or_dir)
+    cfg, eps = gpt2_config_from_hf(read_json(folder / "config.json"), folder)
+    # 这一步只建立内存映射和视图，一个字节的权重都还没有真正读进内存
+    state = map_hf_to_ours(read_weight_folder(folder), cfg["n_layers"], folder)
+    model = build_on_meta(cfg)  # 只有形状：不分配内存，也省掉随机初始化的时间
+    expected = model.state_dict()  # meta 上的参数也有形状：先逐个核对，错了一句中文说清是哪个
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{folder} 的权重与 config.json 对不上：{key} 的形状是 "
+                            f"{tuple(value.shape)}，应为 {tuple(expected[key].shape)}")
+    # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
+    # 所以整个加载过程只有一份权重
+    model.load_state_dict(state, assign=True)
+    if state["out_head.weight"] is state["tok_emb.weight"]:
+        model.out_head.weight = model.tok_emb.weight  # 真正共享同一个参数，而不是两个参数对象
+    # 因果掩码是 persistent=False 的 buffer，不在 state_dict 里，所以还留在 meta 上：
+    # 在 CPU 上重建一份，各层共用（它只读不写）
+    length = cfg["context_length"]
+    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.mask = mask
+        # eps 也不在 state_dict 里：按 config 逐层设置
+        elif isinstance(module, LayerNorm):
+            module.eps = eps
+    return model.eval(), cfg
+
+
+# ===== 9. 主程序 =====
+# 流程：解析参数 → 检查参数 → 按 --init 分派：随机模型的逐节演示，或加载真正的 GPT-2
+def build_parser():
+    parser = ArgParser(description="03：从零实现 GPT 模型，并加载真正的 GPT-2 权重")
+    parser.add_argument("--init", default="random",
+                        help="random=随机初始化（默认）；gpt2 / gpt2-medium / gpt2-large / gpt2-xl"
+                             "=下载 GPT-2 权重；或一个含 config.json 和 *.safetensors 的本地目录")
+    # 默认 None 表示"由 --quick 决定"，在 run() 里再填具体值
+    parser.add_argument("--model", default=None,
+                        help=f"随机初始化时的模型配置：{' / '.join(GPT_CONFIGS)}"
+                             "（默认 gpt2-small，--quick 时 tiny）")
+    parser.add_argument("--prompt", default=None, help="生成的开头文字（空字符串 = 从结束符开始）")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="最多生成多少个新词元，1–10000（默认 30，--quick 时 10）")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="采样温度 0.01–100：越小越保守、越大越随机，0 表示贪心（默认 0.8）")
+    parser.add_argument("--top-k", type=int, default=50, help="只在概率最高的 k 个词里抽（默认 50）")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="只在累计概率达到 p 的最小词集里抽，0.001–1（默认 0.95）")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="重复惩罚，1–10：大于 1 时压低已出现过的词，贪心和采样都用"
+                             "（默认 1.0 = 不惩罚；贪心输出原地打转时试试 1.3）")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="运行设备：auto 依次选 cuda > mps > cpu")
+    parser.add_argument("--seed", type=int, default=123, help="随机种子（默认 123）")
+    parser.add_argument("--quick", action="store_true", help="冒烟模式：tiny 模型、少量生成，半分钟内跑完")
+    return parser
+
+
+def check_args(args):
+    # 在建模型、下载权重之前就检查参数：错了立刻给出中文提示，不白等
+    # --model 只在随机初始化时有用；加载 GPT-2 时结构由 config.json 决定
+    if args.init == "random" and args.model not in GPT_CONFIGS:
+        raise UserError(f"未知模型配置 {args.model!r}：可选 {'、'.join(GPT_CONFIGS)}")
+    if args.init not in ("random", *HF_REPOS):
+        resolve_gpt2_dir(args.init)  # 本地目录：不存在、是文件、名字拼错，现在就说
+    # 上限只挡"大得离谱"的值：CPU 上 gpt2-small 每秒几十个词元，一万个就要几分钟
+    check_range("--max-new-tokens", args.max_new_tokens, 1, 10_000)
+    # 0 = 贪心；比 0.01 还小的温度与贪心无异，logits / 温度 还可能溢出成 inf
+    if args.temperature != 0:
+        check_range("--temperature", args.temperature, 0.01, 100)
+    check_range("--top-k", args.top_k, 1, 1_000_000)  # 比词表还大也行：等于不限制
+    # p 太小（float32 里会变成 0）就把所有词都排除了，连最可能的那个也不剩
+    check_range("--top-p", args.top_p, 0.001, 1)
+    check_range("--repetition-penalty", args.repetition_penalty, 1, 10)
+    check_range("--seed", args.seed, 0, 2**32 - 1)
+
+
+def run_random(args, device):
+    # 先备好分词器、检查提示词和内存：缺什么在演示开始之前就说清楚
+    tok, tok_name, default_prompt = pick_tokenizer()
+    # 输出头和词嵌入的行数都等于 vocab_size：换小词表后参数量会明显变少
+    cfg = dict(GPT_CONFIGS[args.model], vocab_size=tok.n_vocab)  # 词表大小跟着分词器走
+    prompt = default_prompt if args.prompt is None else args.prompt
+    ids, eos_id = encode_prompt(tok, prompt, cfg["context_length"])
+    check_memory(args.model, cfg, device)
+    print("== 1. 积木：层归一化与 GELU ==")
+    demo_blocks()
+    print("\n== 2. 捷径连接 ==")
+    demo_shortcut()
+    print("\n== 3. 模型规模与计算量 ==")
+    print_size_table()
+    print_epoch_estimate(device, args.quick)
+    print("\n== 4. 采样策略 ==")
+    demo_sampling(args.seed)
+    demo_repetition_penalty()
+    print("\n== 5. 用随机权重生成 ==")
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    # 计时包括随机初始化：要为上亿个参数逐个抽随机数，CPU 上也要花点时间
+    model = GPTModel(cfg).to(device).eval()
+    # [0]：我们随机初始化的模型里，输出头是独立的一份，不与词嵌入共享
+    print(f"{args.model}（词表换成{tok_name}的 {tok.n_vocab}）：{count_params(model)[0]:,} 个参数，"
+          f"随机初始化用时 {time.perf_counter() - start:.1f} 秒")
+    generate_text(model, tok, ids, eos_id, args, device)
+    print("权重是随机的：每个词的 logits 都差不多，模型对语言一无所知，输出只是一串互不相干的词元；"
+          "字节级词元还可能只是半个汉字，乱拼在一起就显示成 �。04_pretrain.py 会通过训练解决这个问题。")
+
+
+def run_pretrained(args, device):
+    tok = get_gpt2_tokenizer()  # 先取词表：缺它的话，不必白白下载几百 MB 的权重
+    start = time.perf_counter()
+    model, cfg = load_gpt2_hf(args.init)
+    # 而 GPT-2 的输出头与词嵌入是同一个矩阵，所以用 [1]：共享的参数只数一次
+    print(f"已加载 {args.init}：{cfg['n_layers']} 层、宽 {cfg['emb_dim']}、"
+          f"{count_params(model)[1]:,} 个参数（输出头与词嵌入共享），"
+          f"用时 {time.perf_counter() - start:.1f} 秒")
+    prompt = "Every effort moves you" if args.prompt is None else args.prompt
+    ids, eos_id = encode_prompt(tok, prompt, cfg["context_length"])
+    # 权重先在 CPU 上经内存映射加载，生成前再整体搬到目标设备
+    generate_text(model.to(device), tok, ids, eos_id, args, device)
+
+
+def run(args):
+    # --quick 只改默认值：用户显式给出的 --model / --max-new-tokens 仍然优先
+    if args.model is None:
+        args.model = "tiny" if args.quick else "gpt2-small"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 10 if args.quick else 30
+    check_args(args)
+    device = resolve_device(args.device)
+    if args.init == "random":
+        run_random(args, device)
+    else:
+        run_pretrained(args, device)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    # 只接住预料中的用户错误；其他异常保留完整回溯，方便发现真正的 bug
+    except UserError as err:
+        print(f"错误：{err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ===== 进阶：测速、下载与文件校验的细节（第一次读可以跳过）=====
+# 上面的章节会调用这里的函数；Python 在调用时才查找名字，所以定义写在 main() 后面也没关系。
+
+
+# ---- 开工之前的检查：分词器在不在、内存够不够 ----
+def pick_tokenizer():
+    """随机模型的演示优先用项目自己的分词器（词表小、对中文友好）；没有就退回 GPT-2 的。"""
+    # 默认提示词跟着分词器换：项目分词器对中文友好，GPT-2 的词表主要为英文而建
+    path = DATA_DIR / "tokenizer.json"
+    if path.is_file():
+        return load_project_tokenizer(path), "项目分词器", "从前有一台计算机"
+    try:
+        tok = get_gpt2_tokenizer()
+    except UserError:  # 两个都没有：一句话说清缺什么、怎么补，而不是只提 GPT-2
+        raise UserError(
+            f"找不到分词器：没有项目分词器 {path}（把项目的 data/ 文件夹放到本脚本旁边；"
+            "它由 01_tokenizer.py --train 生成），也取不到 GPT-2 词表（联网运行一次；"
+            "或 pip install --no-deps openai-whisper；或用环境变量 NFL_GPT2_VOCAB 指向 "
+            "gpt2.tiktoken）") from None
+    print(f"（没有找到项目分词器 {path}，改用 GPT-2 分词器）")
+    return tok, "GPT-2 分词器", "Every effort moves you"
+
+
+def check_memory(name, cfg, device):
+    """随机初始化先在 CPU 上建好整个模型（fp32，每个参数 4 字节）再搬到 device：放不下就在
+    分配之前拒绝，而不是让系统因内存耗尽杀掉进程（笔记本上甚至会卡死）。"""
+    need = count_params(build_on_meta(cfg))[0] * 4 + 2**28  # 另留 256 MB 给激活与 logits
+    for where in {torch.device("cpu"), device}:
+        free = free_memory_bytes(where)
+        if free is not None and need > free:
+            raise UserError(f"{name} 约需 {need / 2**30:.1f} GB 内存，{where.type} 上此刻只剩 "
+                            f"{free / 2**30:.1f} GB：请换小一点的 --model（例如 tiny）")
+
+
+# ---- 测速：本机此刻的矩阵乘峰值 ----
+def time_matmul(device, dtype, n, reps):
+    """n×n 矩阵乘测 reps 次，按最快的一次算出 FLOP/s（头几次含线程池、内核的预热）。"""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    # 取最快而不是平均：慢的那几次多半被预热、别的进程或频率爬升拖慢了
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        # 结果不用保存；在 GPU 上这一行只是把内核排进队列，真正的等待发生在 sync 里
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    # n×n 乘 n×n：n² 个输出元素，每个要 n 次乘加 = 2n³ FLOPs
+    return 2 * n ** 3 / best
+
+
+def measure_matmul_peak(device, dtype, seconds=0.05):
+    """本机此刻矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
+    再挑单次约 seconds/2 秒的尺寸测 10 次、取最快：太小的矩阵测不出峰值，太大的又太费时
+    （没有 bf16 硬件的 CPU 上，bf16 矩阵乘会慢几十倍）。"""
+    n = 256
+    for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
+        rate = time_matmul(device, dtype, n, reps=5)
+        # 单次耗时 = 2n³ / rate，令它等于 seconds/2 反解出 n；
+        # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
+        n = min(max(int((rate * seconds / 4) ** (1 / 3)) // 128 * 128, 256), 8192)
+    # 多次短测量取最快，而不是一两次长测量：别的进程只会让某次变慢，机器繁忙时
+    # 总有几次恰好没被打断；总耗时仍约 5 × seconds
+    return time_matmul(device, dtype, n, reps=10), n
+
+
+# ---- 从 Hugging Face 下载文件（只用标准库 urllib）----
 # 权重文件动辄几百 MB 到几 GB：要能断点续传，也绝不能让半截文件冒充完整文件
-
-
 def _total_size(headers, have):
     """文件总字节数：206 响应看 Content-Range（"bytes 100-999/1000" 斜杠后面），
     200 响应看 Content-Length；都没有就是未知（None）。"""
@@ -607,19 +843,27 @@ def download_hf_file(repo_id, filename, dest_dir):
     return dest
 
 
-# ===== 9. 自己读 safetensors：8 字节头长度 + JSON 头 + 原始数据 =====
-# safetensors 只存数据、不存代码，比 pickle 格式的 .bin 安全；格式简单到几十行就能读懂。
-# JSON 头形如 {"wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, N]}, …}，
-# data_offsets 是相对数据区开头（即 8 + 头长度 处）的字节范围 [起, 止)。
+def resolve_gpt2_dir(name_or_dir):
+    # 先认模型名、再认本地目录：当前目录下恰好有个叫 gpt2 的文件夹时，仍按模型名下载
+    if name_or_dir in HF_REPOS:
+        folder = MODELS_DIR / name_or_dir
+        for filename in ("config.json", "model.safetensors"):
+            download_hf_file(HF_REPOS[name_or_dir], filename, folder)
+        return folder
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    hint = "--init 要一个含 config.json 和 *.safetensors 的目录"
+    if path.exists():
+        raise UserError(f"{name_or_dir} 是文件，不是目录：{hint}")
+    # 带路径分隔符、以 . 或 ~ 开头的显然是想给一个目录：说它不存在，比"未知模型"有用
+    if "/" in name_or_dir or os.sep in name_or_dir or name_or_dir.startswith((".", "~")):
+        raise UserError(f"目录 {name_or_dir} 不存在：{hint}，或模型名 {'、'.join(HF_REPOS)}")
+    raise UserError(f"未知模型 {name_or_dir!r}：可选 random、{'、'.join(HF_REPOS)}，"
+                    "或一个含 config.json 和 *.safetensors 的本地目录")
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-MAX_HEADER_BYTES = 100 * 2**20  # 正常的头只有几十 KB；大得离谱说明文件坏了
 
-
+# ---- safetensors 头部的逐项校验：头来自文件，不可信 ----
 def _bad(path, reason):
     return UserError(f"{path} 不是有效的 safetensors 文件：{reason}")
 
@@ -640,7 +884,7 @@ def _check_entries(header, data_size, path):
         # 头来自文件、不可信：每个字段先查类型再用，坏文件得到一句中文说明，而不是奇怪的异常
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
         if dtype is None:
-            raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
+            raise _bad(path, f"张量 {name} 的数据类型不认识（应是 {'、'.join(SAFETENSORS_DTYPES)} 之一）")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not _is_uint_list(shape) or not _is_uint_list(offsets, 2) or offsets[0] > offsets[1]:
             raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
@@ -658,45 +902,7 @@ def _check_entries(header, data_size, path):
     return entries
 
 
-def read_safetensors(path):
-    """读取 .safetensors，返回 {名字: torch.Tensor}。数据不复制：张量是内存映射文件上的视图，
-    操作系统只在真正用到时才把那几页读进内存，所以加载几 GB 的模型也只占约一份权重的内存。"""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"找不到权重文件 {path}")
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_len = int.from_bytes(prefix, "little")  # 8 字节小端无符号整数
-        if len(prefix) < 8 or not 0 < header_len <= min(MAX_HEADER_BYTES, file_size - 8):
-            raise _bad(path, f"头长度 {header_len} 不合理（文件共 {file_size} 字节）")
-        try:
-            header = json.loads(f.read(header_len).decode("utf-8"))
-        except ValueError as err:
-            raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
-        # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
-        data_start = 8 + header_len
-        entries = _check_entries(header, file_size - data_start, path)
-        # ACCESS_COPY 是写时复制的私有映射：张量可写（微调时会改），但永远不会改动磁盘上的文件。
-        # 不必手动关闭映射：每个张量都引用着它，最后一个张量被回收时自动解除。
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if file_size > data_start else None
-    tensors = {}
-    for begin, end, name, dtype, shape in entries:
-        if begin == end:  # 元素个数为 0 的张量，没有字节可以映射
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            # 映射的是整个文件，offset 要从文件开头算，所以加上 data_start；reshape 也只是视图
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=math.prod(shape),
-                                             offset=data_start + begin).reshape(shape)
-    return tensors
-
-
-# ===== 10. 把 GPT-2 的参数名对应到我们的模型 =====
-# HF 的 GPT-2 与我们的 GPTModel 是同一个网络，只是名字和存法不同：
-#   wte/wpe → tok_emb/pos_emb；h.N → trf_blocks.N；ln_1/ln_2/ln_f 的 weight/bias → scale/shift；
-#   HF 用的 Conv1D 把权重存成 (输入, 输出)，nn.Linear 是 (输出, 输入)，所以要转置；
-#   c_attn 把 Q、K、V 三个投影拼成一个，要切成三份；输出头与 wte 共享同一个矩阵。
-
+# ---- 读 config.json 与权重目录 ----
 TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # 都是 tanh 近似的 GELU
 
 
@@ -705,8 +911,10 @@ def read_json(path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"找不到 {path}") from None
-    except ValueError as err:
-        raise UserError(f"{path} 不是合法的 JSON：{err}") from None
+    except json.JSONDecodeError as err:  # 只报位置，不附 json 模块的英文说明
+        raise UserError(f"{path} 不是合法的 JSON（第 {err.lineno} 行第 {err.colno} 列有误）") from None
+    except (OSError, ValueError):  # 没有读权限、其实是个目录、不是 UTF-8 文本……
+        raise UserError(f"{path} 读不出来，或不是 UTF-8 编码的 JSON 文本") from None
 
 
 def gpt2_config_from_hf(conf, folder):
@@ -717,6 +925,10 @@ def gpt2_config_from_hf(conf, folder):
                "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
     except (KeyError, TypeError) as err:
         raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
+    sizes = [cfg[key] for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")]
+    if not _is_uint_list(sizes) or 0 in sizes or cfg["emb_dim"] % cfg["n_heads"]:
+        raise UserError(f"{folder}/config.json 里的尺寸 {sizes} 不合理："
+                        "应都是正整数，且 n_embd 能被 n_head 整除")
     # 逐条排除 GPTModel 表达不了的变体：别的激活函数、FFN 宽度不是 4 倍、
     # 注意力分数按层号额外缩放、或者不除以 √head_dim
     if (conf.get("model_type", "gpt2") != "gpt2"
@@ -726,7 +938,10 @@ def gpt2_config_from_hf(conf, folder):
             or not conf.get("scale_attn_weights", True)):
         raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
     # eps 不是参数，不在权重文件里，只能从 config 读；GPT-2 用的是 1e-5
-    return cfg, conf.get("layer_norm_epsilon", 1e-5)
+    eps = conf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UserError(f"{folder}/config.json 的 layer_norm_epsilon 应是 0 到 1 之间的小数")
+    return cfg, eps
 
 
 def read_weight_folder(folder):
@@ -734,7 +949,12 @@ def read_weight_folder(folder):
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         # weight_map 是 {参数名: 分片文件名}：许多参数在同一个分片里，所以去重
-        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(name, str) for name in weight_map.values())):
+            raise UserError(f"{index} 格式不对：应有 weight_map（参数名 → 分片文件名）")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
@@ -746,95 +966,77 @@ def read_weight_folder(folder):
     return weights
 
 
-def map_block(take, src, dst):
-    """一个 Transformer 块：HF 的 h.N.* → 我们的 trf_blocks.N.*。切片和 .t() 都只是视图，不复制。"""
-    state = {}
-    # c_attn 权重 (emb, 3·emb)：输出维上依次是 Q、K、V；切三份再各自转置成 (emb, emb)
-    weights = take(f"{src}attn.c_attn.weight").chunk(3, dim=1)
-    biases = take(f"{src}attn.c_attn.bias").chunk(3)
-    for name, w, b in zip(("W_query", "W_key", "W_value"), weights, biases):
-        state[f"{dst}att.{name}.weight"], state[f"{dst}att.{name}.bias"] = w.t(), b
-    # 其余三个 Conv1D 同样要转置：注意力的输出投影，前馈网络的升维 c_fc 与降维 c_proj
-    # （我们的 ff.layers.0 / layers.2；layers.1 是没有参数的 GELU）
-    for hf_name, ours in (("attn.c_proj", "att.out_proj"), ("mlp.c_fc", "ff.layers.0"),
-                          ("mlp.c_proj", "ff.layers.2")):
-        state[f"{dst}{ours}.weight"] = take(f"{src}{hf_name}.weight").t()
-        state[f"{dst}{ours}.bias"] = take(f"{src}{hf_name}.bias")
-    # ln_1 在注意力之前、ln_2 在前馈之前，对应 Pre-LN 块里的 norm1 / norm2
-    for hf_name, ours in (("ln_1", "norm1"), ("ln_2", "norm2")):
-        state[f"{dst}{ours}.scale"] = take(f"{src}{hf_name}.weight")
-        state[f"{dst}{ours}.shift"] = take(f"{src}{hf_name}.bias")
-    return state
+# ===== 附录：前几章的部件（逐字复制）=====
+# 来自 01_tokenizer.py：错误类型、命令行解析与范围检查、分词器、设备选择
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
-def map_hf_to_ours(hf, n_layers, folder):
-    # save_pretrained 写出的键带 "transformer." 前缀，官方文件不带：统一去掉。
-    # 官方文件里的 h.N.attn.bias / masked_bias 是因果掩码，我们自己会建，所以根本不取。
-    hf = {key.removeprefix("transformer."): value for key, value in hf.items()}
-
-    def take(key):
-        if key not in hf:
-            raise UserError(f"{folder} 的权重里缺少 {key}")
-        # 半精度（fp16/bf16）的文件在这里转成 fp32；本来就是 fp32 的直接用原张量，不复制
-        return hf[key] if hf[key].dtype == torch.float32 else hf[key].float()
-
-    state = {"tok_emb.weight": take("wte.weight"), "pos_emb.weight": take("wpe.weight"),
-             "final_norm.scale": take("ln_f.weight"), "final_norm.shift": take("ln_f.bias")}
-    for i in range(n_layers):
-        state.update(map_block(take, f"h.{i}.", f"trf_blocks.{i}."))
-    # 官方 GPT-2 的输出头就是 wte（权重共享），文件里没有 lm_head.weight；有的话就用它
-    has_head = "lm_head.weight" in hf
-    state["out_head.weight"] = take("lm_head.weight") if has_head else state["tok_emb.weight"]
-    return state
+class UserError(Exception):
+    """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
 
 
-def resolve_gpt2_dir(name_or_dir):
-    # 先认模型名、再认本地目录：当前目录下恰好有个叫 gpt2 的文件夹时，仍按模型名下载
-    if name_or_dir in HF_REPOS:
-        folder = MODELS_DIR / name_or_dir
-        for filename in ("config.json", "model.safetensors"):
-            download_hf_file(HF_REPOS[name_or_dir], filename, folder)
-        return folder
-    if Path(name_or_dir).is_dir():
-        return Path(name_or_dir)
-    raise UserError(f"未知模型 {name_or_dir!r}：可选 random、{'、'.join(HF_REPOS)}，"
-                    "或一个含 config.json 和 *.safetensors 的本地目录")
+class ArgParser(argparse.ArgumentParser):
+    """argparse 自带的报错是英文、还先打印一大段用法；改成一行中文，同样以状态码 2 退出。"""
+
+    def error(self, message):
+        print(f"错误：命令行参数有误（{message}）；用 --help 查看用法", file=sys.stderr)
+        sys.exit(2)
 
 
-def load_gpt2_hf(name_or_dir):
-    """加载 GPT-2：名字（gpt2、gpt2-medium、gpt2-large、gpt2-xl，自动下载并缓存到 models/）
-    或本地目录（config.json + *.safetensors）。返回 (eval 模式的 GPTModel, cfg)。"""
-    folder = resolve_gpt2_dir(name_or_dir)
-    cfg, eps = gpt2_config_from_hf(read_json(folder / "config.json"), folder)
-    # 这一步只建立内存映射和视图，一个字节的权重都还没有真正读进内存
-    state = map_hf_to_ours(read_weight_folder(folder), cfg["n_layers"], folder)
-    model = build_on_meta(cfg)  # 只有形状：不分配内存，也省掉随机初始化的时间
+def check_range(flag, value, low, high):
+    """数值参数的范围检查：负数、零、NaN、无穷、大得离谱，都在开工之前用一行中文拒绝。"""
+    # math.isfinite 挡住 nan/inf：nan 与任何数比较都是 False，只写 low <= value 会让它溜过去
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{flag} 应在 {low} 到 {high} 之间，收到 {value}")
+
+
+# GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
+GPT2_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+
+def get_gpt2_tokenizer():
+    """GPT-2 分词器（tiktoken）。离线时依次尝试：环境变量 NFL_GPT2_VOCAB 指向的 ranks 文件、
+    models/gpt2.tiktoken、已安装的 openai-whisper 包自带的 assets/gpt2.tiktoken（不 import 它）。"""
     try:
-        # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
-        # 所以整个加载过程只有一份权重
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise UserError(f"{folder} 的权重与 config.json 对不上：{err}") from None
-    if state["out_head.weight"] is state["tok_emb.weight"]:
-        model.out_head.weight = model.tok_emb.weight  # 真正共享同一个参数，而不是两个参数对象
-    # 因果掩码是 persistent=False 的 buffer，不在 state_dict 里，所以还留在 meta 上：
-    # 在 CPU 上重建一份，各层共用（它只读不写）
-    length = cfg["context_length"]
-    mask = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.mask = mask
-        # eps 也不在 state_dict 里：按 config 逐层设置
-        elif isinstance(module, LayerNorm):
-            module.eps = eps
-    return model.eval(), cfg
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # 没有网络、也没有 tiktoken 缓存
+        pass
+    candidates = []
+    if os.environ.get("NFL_GPT2_VOCAB"):
+        candidates.append(Path(os.environ["NFL_GPT2_VOCAB"]))
+    candidates.append(Path(__file__).resolve().parent / "models" / "gpt2.tiktoken")
+    spec = importlib.util.find_spec("whisper")  # 只查找包的位置，不执行它的代码
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidates.append(Path(folder) / "assets" / "gpt2.tiktoken")
+    for path in candidates:
+        if path.is_file():
+            # .tiktoken 格式：每行"base64(字节串) 排名"
+            lines = path.read_text(encoding="ascii").split("\n")
+            ranks = {base64.b64decode(tok): int(rank)
+                     for tok, rank in (line.split() for line in lines if line)}
+            return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": 50256})
+    raise UserError(
+        "找不到 GPT-2 词表：tiktoken 无法联网下载。请任选其一：联网运行一次；"
+        "或 pip install --no-deps openai-whisper（自带 gpt2.tiktoken）；"
+        "或把 gpt2.tiktoken 放到 models/ 下，或用环境变量 NFL_GPT2_VOCAB 指向它。")
 
 
-# ===== 11. 主程序 =====
-# 流程：解析参数 → 检查参数 → 按 --init 分派：随机模型的逐节演示，或加载真正的 GPT-2
+def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
+    """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
+        return tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
+                                 mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"分词器文件 {path} 已损坏或格式不对：{err}") from None
 
 
-# 复制自 02_attention.py
 def resolve_device(name):
     """auto 按 cuda > mps > cpu 选；显式要求的设备不可用时给出中文错误。"""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -847,107 +1049,24 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def check_args(args):
-    # 在建模型、下载权重之前就检查参数：错了立刻给出中文提示，不白等
-    # --model 只在随机初始化时有用；加载 GPT-2 时结构由 config.json 决定
-    if args.init == "random" and args.model not in GPT_CONFIGS:
-        raise UserError(f"未知模型配置 {args.model!r}：可选 {'、'.join(GPT_CONFIGS)}")
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 1 or not 0 < args.top_p <= 1:
-        raise UserError("--max-new-tokens、--temperature 不能为负，--top-k ≥ 1，--top-p 在 (0, 1] 之间")
+# 来自 02_attention.py：GPU 同步、可用内存
+def sync(device):
+    if device.type != "cpu":  # GPU 的运算是异步排队的：计时前后都要等它真正算完
+        getattr(torch, device.type).synchronize()
 
 
-def pick_tokenizer():
-    """随机模型的演示优先用项目自己的分词器（词表小、对中文友好）；还没有就退回 GPT-2 的。"""
-    # 默认提示词跟着分词器换：项目分词器对中文友好，GPT-2 的词表主要为英文而建
-    if (DATA_DIR / "tokenizer.json").is_file():
-        return load_project_tokenizer(), "项目分词器", "从前有一台计算机"
-    return get_gpt2_tokenizer(), "GPT-2 分词器", "Every effort moves you"
-
-
-def run_random(args, device):
-    print("== 1. 积木：层归一化与 GELU ==")
-    demo_blocks()
-    print("\n== 2. 捷径连接 ==")
-    demo_shortcut()
-    print("\n== 3. 模型规模与计算量 ==")
-    print_size_table()
-    print_epoch_estimate(device, args.quick)
-    print("\n== 4. 采样策略 ==")
-    demo_sampling(args.seed)
-    print("\n== 5. 用随机权重生成 ==")
-    tok, tok_name, default_prompt = pick_tokenizer()
-    torch.manual_seed(args.seed)
-    # 输出头和词嵌入的行数都等于 vocab_size：换小词表后参数量会明显变少
-    cfg = dict(GPT_CONFIGS[args.model], vocab_size=tok.n_vocab)  # 词表大小跟着分词器走
-    start = time.perf_counter()
-    # 计时包括随机初始化：要为上亿个参数逐个抽随机数，CPU 上也要花点时间
-    model = GPTModel(cfg).to(device).eval()
-    # [0]：我们随机初始化的模型里，输出头是独立的一份，不与词嵌入共享
-    print(f"{args.model}（词表换成{tok_name}的 {tok.n_vocab}）：{count_params(model)[0]:,} 个参数，"
-          f"随机初始化用时 {time.perf_counter() - start:.1f} 秒")
-    generate_text(model, tok, default_prompt if args.prompt is None else args.prompt, args, device)
-    print("权重是随机的：每个词的 logits 都差不多，模型对语言一无所知，输出只是一串互不相干的词元；"
-          "字节级词元还可能只是半个汉字，乱拼在一起就显示成 �。04_pretrain.py 会通过训练解决这个问题。")
-
-
-def run_pretrained(args, device):
-    start = time.perf_counter()
-    model, cfg = load_gpt2_hf(args.init)
-    # 而 GPT-2 的输出头与词嵌入是同一个矩阵，所以用 [1]：共享的参数只数一次
-    print(f"已加载 {args.init}：{cfg['n_layers']} 层、宽 {cfg['emb_dim']}、"
-          f"{count_params(model)[1]:,} 个参数（输出头与词嵌入共享），"
-          f"用时 {time.perf_counter() - start:.1f} 秒")
-    prompt = "Every effort moves you" if args.prompt is None else args.prompt
-    # 权重先在 CPU 上经内存映射加载，生成前再整体搬到目标设备
-    generate_text(model.to(device), get_gpt2_tokenizer(), prompt, args, device)
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="03：从零实现 GPT 模型，并加载真正的 GPT-2 权重")
-    parser.add_argument("--init", default="random",
-                        help="random=随机初始化（默认）；gpt2 / gpt2-medium / gpt2-large / gpt2-xl"
-                             "=下载 GPT-2 权重；或一个含 config.json 和 *.safetensors 的本地目录")
-    # 默认 None 表示"由 --quick 决定"，在 run() 里再填具体值
-    parser.add_argument("--model", default=None,
-                        help=f"随机初始化时的模型配置：{' / '.join(GPT_CONFIGS)}"
-                             "（默认 gpt2-small，--quick 时 tiny）")
-    parser.add_argument("--prompt", default=None, help="生成的开头文字（空字符串 = 从结束符开始）")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="最多生成多少个新词元（默认 30，--quick 时 10）")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="采样温度：越小越保守、越大越随机，0 表示贪心（默认 0.8）")
-    parser.add_argument("--top-k", type=int, default=50, help="只在概率最高的 k 个词里抽（默认 50）")
-    parser.add_argument("--top-p", type=float, default=0.95,
-                        help="只在累计概率达到 p 的最小词集里抽（默认 0.95）")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="运行设备：auto 依次选 cuda > mps > cpu")
-    parser.add_argument("--seed", type=int, default=123, help="随机种子（默认 123）")
-    parser.add_argument("--quick", action="store_true", help="冒烟模式：tiny 模型、少量生成，半分钟内跑完")
-    return parser
-
-
-def run(args):
-    # --quick 只改默认值：用户显式给出的 --model / --max-new-tokens 仍然优先
-    if args.model is None:
-        args.model = "tiny" if args.quick else "gpt2-small"
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 10 if args.quick else 30
-    check_args(args)
-    device = resolve_device(args.device)
-    if args.init == "random":
-        run_random(args, device)
-    else:
-        run_pretrained(args, device)
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    # 只接住预料中的用户错误；其他异常保留完整回溯，方便发现真正的 bug
-    except UserError as err:
-        print(f"错误：{err}", file=sys.stderr)
-        sys.exit(2)
+def free_memory_bytes(device):
+    """device 上此刻还能用多少字节；查不到（比如非 Linux 的 CPU）就返回 None，不拦。"""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux：MemAvailable = 不挤掉其他程序就能拿到的内存（含可回收的文件缓存）
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # 单位是 kB
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """02_attention.py 的测试：每种注意力写法都与 F.scaled_dot_product_attention 的参考结果一致
-（前向与梯度），因果性、dropout、掩码 buffer 的行为，以及 --quick 独立运行。"""
+（前向与梯度），因果性、dropout、掩码 buffer 的行为，基准计时可信，坏参数一行中文退出，
+以及 --quick 独立运行。"""
 import math
+import time
 
 import pytest
 import torch
@@ -167,10 +169,62 @@ def test_unavailable_device_gives_chinese_error_and_exit_code_2(capsys):
     assert capsys.readouterr().err.startswith("错误：")
 
 
-def test_quick_run_standalone_exits_zero_and_prints_every_variant(tmp_path):
+def sleeper(slow_calls, fast_s, slow_s=0.1):
+    """假的待计时函数：第 slow_calls 次调用（从 1 数）睡 slow_s 秒，模拟被别的进程打断；其余睡 fast_s。"""
+    calls = []
+
+    def fn():
+        calls.append(len(calls) + 1)
+        time.sleep(slow_s if len(calls) in slow_calls else fast_s)
+
+    fn.calls = calls
+    return fn
+
+
+def test_benchmark_timer_keeps_the_fastest_call_and_remeasures_impossible_rows():
+    # "a" 的前向：预热 1 次 + 计时的前 3 轮 + 补测的第 1 轮都被"打断"（100 ms），之后才快（1 ms）。
+    # 取中位数或平均值就会报出前向 100 ms、前向+反向 20 ms——旧代码打印过的那种不合理的表
+    fwd_a, both_a = sleeper({1, 2, 3, 4, 5}, 0.001), sleeper({1}, 0.02)
+    fwd_b, both_b = sleeper({1}, 0.001), sleeper({1}, 0.02)  # b 只有第一次（预热）慢
+    result = mod.best_times({"a": (fwd_a, both_a), "b": (fwd_b, both_b)}, CPU,
+                            warmup=1, repeats=3)
+    for fwd, both in result.values():
+        assert fwd < 15 < both < 90 and fwd <= both
+    assert len(fwd_b.calls) == len(both_b.calls) == 1 + 3  # 预热 1 次 + 计时 3 轮，合理就不补测
+    assert len(fwd_a.calls) == 1 + 3 + 2  # a 补测了两轮：第 5 次仍慢，第 6 次才快
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seed", "-1"], ["--seed", "99999999999"], ["--seed", "nan"], ["--seed", "inf"],
+    ["--seed", "1e9"], ["--device", "tpu"], ["--quick", "--bench-size"], ["--no-such-flag"],
+])
+def test_bad_arguments_exit_2_with_one_chinese_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("错误：") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_benchmark_that_would_not_fit_in_memory_is_refused_before_any_work(monkeypatch, capsys):
+    size = mod.BENCH_SIZES["bench"]
+    # 估计值至少是一份 (b, h, T, T) 的 fp32 分数矩阵：那是朴素写法一定要分配的
+    assert mod.bench_memory_bytes(size) >= 4 * size["batch"] * size["num_heads"] * 1024 ** 2
+    monkeypatch.setattr(mod, "free_memory_bytes", lambda device: 2**30)  # 假装只剩 1 GB
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main(["--bench-size", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    out = capsys.readouterr()
+    assert "内存" in out.err and out.out == ""  # 什么演示都还没开始
+
+
+def test_quick_run_standalone_exits_zero_and_prints_a_sane_table(tmp_path):
     result = run_standalone("02_attention.py", ["--quick", "--device", "cpu"], tmp_path)
     assert result.returncode == 0, result.stderr
     table = result.stdout.split("6. 基准测试")[1]
     for name in mod.MHA_VARIANTS:
         assert f"\n  {name} " in table
-    assert "本次最快" in table
+        row = table.split(f"\n  {name} ")[1].split("\n")[0].split()
+        fwd, both = float(row[0]), float(row[2])
+        assert 0 < fwd <= both, f"{name}：前向 {fwd} ms 不应慢于前向+反向 {both} ms"
+    assert "本次最快" in table and "注意" not in table

@@ -1,4 +1,5 @@
-"""03_gpt.py 的测试：参数量、生成、safetensors 读取、下载、GPT-2 权重加载（以 transformers 为参照）。"""
+"""03_gpt.py 的测试：参数量、生成（含重复惩罚）、safetensors 读取、下载、GPT-2 权重加载
+（以 transformers 为参照），以及坏参数、坏文件都以一行中文、状态码 2 结束。"""
 import http.server
 import json
 import random
@@ -28,6 +29,14 @@ def import_transformers():
     except ImportError:
         skip_or_fail("需要 transformers 作为参照实现：pip install -r requirements-dev.txt")
     return transformers
+
+
+def import_safetensors_torch():
+    try:
+        import safetensors.torch
+    except ImportError:
+        skip_or_fail("需要 safetensors 作为参照实现：pip install -r requirements-dev.txt")
+    return safetensors.torch
 
 
 # ---------- 自己写 safetensors / HF 目录的小工具（只在测试里用） ----------
@@ -178,6 +187,32 @@ def test_generate_crops_the_context():
     assert out.tolist() == [list(range(11))]
 
 
+def test_penalize_repeats_matches_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [1.0, 2.0, -2.0, 0.0]])
+    before = logits.clone()
+    idx = torch.tensor([[0, 1, 1], [2, 2, 3]])
+    out = gpt.penalize_repeats(logits, idx, 2.0)
+    # 第 1 行：0 号 2.0 → 1.0（正分数除以 2）；1 号 -1.0 → -2.0（负分数乘以 2；出现两次也只罚一次）
+    # 第 2 行：2 号 -2.0 → -4.0；3 号 0.0 仍是 0.0；没出现过的词不变
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0], [1.0, 2.0, -4.0, 0.0]]
+    assert torch.equal(logits, before)  # 不改调用方的张量
+
+
+def test_repetition_penalty_breaks_a_greedy_loop():
+    # logits 固定：不惩罚时贪心每步都选 0 号，原地打转
+    model = gpt.FixedLogitsModel(torch.linspace(3.0, 2.3, 8))
+    start = torch.tensor([[7]])
+    assert gpt.generate(model, start, 6, 7)[0, 1:].tolist() == [0] * 6
+    out = gpt.generate(model, start, 6, 7, repetition_penalty=1.5)[0, 1:].tolist()
+    assert len(set(out)) == 6 and 7 not in out  # 6 个新词各不相同，也不重复开头的词
+    # 参照：手写的逐步贪心，每步把出现过的词的分数除以 1.5（这些分数都是正的）
+    expected, logits = [7], torch.linspace(3.0, 2.3, 8)
+    for _ in range(6):
+        scores = [v / 1.5 if i in expected else v for i, v in enumerate(logits.tolist())]
+        expected.append(max(range(8), key=scores.__getitem__))
+    assert out == expected[1:]
+
+
 # ---------- safetensors 读取 ----------
 
 def example_tensors():
@@ -203,7 +238,8 @@ def test_reader_returns_the_tensors_written(tmp_path):
 
 
 def test_reader_agrees_with_safetensors_package(tmp_path):
-    from safetensors.torch import load_file, save_file
+    st = import_safetensors_torch()
+    load_file, save_file = st.load_file, st.save_file
     tensors = {k: v for k, v in example_tensors().items() if k != "empty"}
     ours_path, theirs_path = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     write_safetensors(ours_path, tensors)
@@ -310,7 +346,7 @@ def test_logits_match_transformers_save_pretrained(tmp_path, seed):
 
 def test_logits_match_transformers_official_file_layout(tmp_path):
     transformers = import_transformers()
-    from safetensors.torch import save_file
+    save_file = import_safetensors_torch().save_file
     ref = random_hf_model(transformers, 4)  # 共享输出头
     # 官方文件：键不带 transformer. 前缀，带 h.N.attn.bias 掩码，没有 lm_head.weight
     state = {k.removeprefix("transformer."): v.clone() for k, v in ref.state_dict().items()
@@ -342,8 +378,68 @@ def test_loading_errors_are_user_errors(tmp_path):
         gpt.load_gpt2_hf(tmp_path)
     model = random_model(dict(SMALL_CFG, emb_dim=16))  # 宽度与 config.json 不符
     write_safetensors(tmp_path / "model.safetensors", ours_to_hf(model))
-    with pytest.raises(gpt.UserError, match="对不上"):
+    with pytest.raises(gpt.UserError, match="对不上") as err:
         gpt.load_gpt2_hf(tmp_path)
+    # 一句中文指出哪个张量、什么形状，而不是 load_state_dict 那几行英文
+    assert "tok_emb.weight" in str(err.value) and "(97, 16)" in str(err.value)
+    assert "\n" not in str(err.value) and "Error" not in str(err.value)
+
+
+@pytest.mark.parametrize("arg", ["/no/such/nfl-dir", "./no-such-nfl-dir", "no-such-nfl-dir/",
+                                 "~/no-such-nfl-dir"])
+def test_init_with_a_missing_folder_says_the_folder_does_not_exist(arg):
+    with pytest.raises(gpt.UserError, match="不存在") as err:
+        gpt.resolve_gpt2_dir(arg)
+    assert "未知模型" not in str(err.value)
+
+
+def test_init_with_a_file_says_it_is_not_a_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(gpt.UserError, match="不是目录"):
+        gpt.resolve_gpt2_dir(str(tmp_path / "model.safetensors"))
+
+
+def write_index(folder, index):
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("garbage_weights", "safetensors"),
+    ("broken_config", "第 1 行"),
+    ("config_not_utf8", "UTF-8"),
+    ("zero_heads", "尺寸"),
+    ("heads_do_not_divide", "尺寸"),
+    ("bad_eps", "layer_norm_epsilon"),
+    ("index_is_a_list", "weight_map"),
+    ("index_points_to_numbers", "weight_map"),
+    ("header_not_utf8", "UTF-8"),
+])
+def test_bad_folder_contents_give_one_short_chinese_line(tmp_path, case, message):
+    model = random_model(SMALL_CFG)
+    write_safetensors(tmp_path / "model.safetensors", ours_to_hf(model))
+    write_config(tmp_path, SMALL_CFG)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    if case == "garbage_weights":
+        (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 8)
+    elif case == "broken_config":
+        (tmp_path / "config.json").write_text('{"n_embd": 32,,}')
+    elif case == "config_not_utf8":
+        (tmp_path / "config.json").write_bytes(b'{"n_embd": "\xff"}')
+    elif case in ("zero_heads", "heads_do_not_divide", "bad_eps"):
+        key, value = {"zero_heads": ("n_head", 0), "heads_do_not_divide": ("n_head", 5),
+                      "bad_eps": ("layer_norm_epsilon", "tiny")}[case]
+        (tmp_path / "config.json").write_text(json.dumps(dict(conf, **{key: value})))
+    elif case == "index_is_a_list":
+        write_index(tmp_path, [])
+    elif case == "index_points_to_numbers":
+        write_index(tmp_path, {"weight_map": {"wte.weight": 3}})
+    elif case == "header_not_utf8":
+        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
+    with pytest.raises(gpt.UserError, match=message) as err:
+        gpt.load_gpt2_hf(tmp_path)
+    text = str(err.value)
+    # 一行、不夹带库的英文报错（json 的 "Expecting ..."、解码器的 "codec can't decode ..."）
+    assert "\n" not in text and "Expecting" not in text and "codec" not in text
 
 
 MEMORY_PROBE = """
@@ -484,9 +580,10 @@ def test_download_without_network_explains_hf_endpoint(tmp_path, monkeypatch):
 # ---------- 命令行 ----------
 
 def test_quick_run_standalone(tmp_path):
-    result = run_standalone("03_gpt.py", ["--quick"], tmp_path)
+    result = run_standalone("03_gpt.py", ["--quick", "--repetition-penalty", "1.3"], tmp_path)
     assert result.returncode == 0, result.stderr
-    for text in ("163,009,536", "124,412,160", "124,439,808", "GFLOP/s", "词元/秒"):
+    for text in ("163,009,536", "124,412,160", "124,439,808", "GFLOP/s", "词元/秒",
+                 "本机此刻", "重复惩罚 1.5 [0, 1, 2, 3, 4, 5]", "[贪心，重复惩罚 1.3]"):
         assert text in result.stdout
 
 
@@ -500,10 +597,65 @@ def test_init_gpt2_offline_exits_2_with_chinese_message(tmp_path):
     assert not (tmp_path / "models").exists()  # 断网时不留下任何半成品
 
 
-@pytest.mark.parametrize("argv", [["--init", "gpt-9000"], ["--model", "gpt9"],
-                                  ["--top-p", "1.5"]])
-def test_bad_arguments_exit_2(argv, capsys):
+@pytest.mark.parametrize("argv", [
+    ["--max-new-tokens", "-1"], ["--max-new-tokens", "0"], ["--max-new-tokens", "99999999999"],
+    ["--max-new-tokens", "nan"], ["--temperature", "-1"], ["--temperature", "nan"],
+    ["--temperature", "inf"], ["--temperature", "1e9"], ["--top-k", "0"], ["--top-k", "-1"],
+    ["--top-k", "99999999999"], ["--top-p", "0"], ["--top-p", "-1"], ["--top-p", "1.5"],
+    ["--top-p", "nan"], ["--temperature", "1e-40"], ["--top-p", "1e-300"],  # 会在 float32 里溢出/变 0
+    ["--repetition-penalty", "0"], ["--repetition-penalty", "-1"],
+    ["--repetition-penalty", "nan"], ["--repetition-penalty", "inf"],
+    ["--repetition-penalty", "1e9"], ["--seed", "-1"], ["--seed", "99999999999"],
+    ["--seed", "1e9"], ["--model", "gpt9"], ["--init", "gpt-9000"], ["--init", "/no/such/dir"],
+    ["--device", "tpu"], ["--no-such-flag"],
+])
+def test_bad_arguments_exit_2_with_one_chinese_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         gpt.main(argv)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("错误：")
+    out = capsys.readouterr()
+    assert out.err.startswith("错误：") and out.err.count("\n") == 1
+    assert out.out == ""  # 参数错了什么都不该开始
+
+
+def test_model_that_would_not_fit_in_memory_is_refused_before_allocating(monkeypatch, capsys):
+    assert gpt.free_memory_bytes(torch.device("cpu")) is None or \
+        gpt.free_memory_bytes(torch.device("cpu")) > 2**20
+    monkeypatch.setattr(gpt, "free_memory_bytes", lambda device: 2**30)  # 假装只剩 1 GB
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["--model", "gpt2-xl"])  # 约 6 GB 的 fp32 参数
+    assert exit_info.value.code == 2
+    out = capsys.readouterr()
+    assert "内存" in out.err and "==" not in out.out  # 没有开始任何演示
+
+
+def test_prompt_longer_than_the_context_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["--quick", "--prompt", "从前有一台计算机。" * 100])  # tiny 的上下文只有 128
+    assert exit_info.value.code == 2
+    assert "上下文长度 128" in capsys.readouterr().err
+
+
+def test_missing_tokenizers_say_what_is_missing_and_how_to_fix_it(tmp_path, monkeypatch):
+    # 03 被单独复制到一个没有 data/、也拿不到 GPT-2 词表的地方
+    def no_gpt2_vocab():
+        raise gpt.UserError("找不到 GPT-2 词表")
+
+    monkeypatch.setattr(gpt, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(gpt, "get_gpt2_tokenizer", no_gpt2_vocab)
+    with pytest.raises(gpt.UserError) as err:
+        gpt.pick_tokenizer()
+    text = str(err.value)
+    for needed in ("tokenizer.json", "data/", "openai-whisper", "NFL_GPT2_VOCAB"):
+        assert needed in text
+
+
+def test_corrupted_weights_on_the_command_line_exit_2_with_one_line(tmp_path, capsys):
+    write_config(tmp_path, SMALL_CFG)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    # 不是 UserError 的异常会直接冲出 main()，让这个测试失败：所以这里也证明了没有回溯
+    with pytest.raises(SystemExit) as exit_info:
+        gpt.main(["--init", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("错误：") and err.count("\n") == 1
