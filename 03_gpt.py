@@ -1027,7 +1027,8 @@ def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
     """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
+        raise UserError(f"找不到项目分词器 {path}：它在随项目发布的 data/ 文件夹里，请把 data/ 放在"
+                        f"本脚本旁边；或用 python 01_tokenizer.py --train 重新训练")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
         ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
