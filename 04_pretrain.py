@@ -4,10 +4,11 @@
 - 语料 → token 缓存（np.memmap）：任意大的语料只切一次词，训练时按需取批次，不占内存
 - 语言模型的训练目标：错开一位的交叉熵，以及困惑度（perplexity）
 - AdamW（只对矩阵做权重衰减）、学习率预热 + 余弦退火、梯度裁剪、梯度累积
-- 让训练变快的开关：SDPA、融合内核、词表对齐到 64 的倍数、融合 AdamW、bf16、torch.compile
-- 可断点续训的检查点、Ctrl-C 安全退出、超参数搜索（--sweep）、交互式生成（--interactive）
-运行：python 04_pretrain.py            # 默认：2 核 CPU 约 5 分钟
-      python 04_pretrain.py --quick    # 冒烟：半分钟内
+- 一次训练的全部状态装进一个 RunState：可逐位续训的检查点、Ctrl-C 安全退出
+- load_init：随机初始化、本章的检查点、GPT-2 权重，一个函数载入（后面各章都复制它）
+- 进阶：SDPA、词表补齐、融合 AdamW、bf16、torch.compile、MFU、先估内存、超参数搜索、交互生成
+运行：python 04_pretrain.py            # 默认：mini 模型 350 步，2 核 CPU 约 5–10 分钟（视机器忙闲）
+      python 04_pretrain.py --quick    # 冒烟：tiny 模型 40 步，2 核 CPU 约 10 秒
 """
 import argparse
 import base64
@@ -25,6 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,9 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# 本章用到的 UserError、ArgParser、check_range、GPTModel、generate、load_gpt2_hf 等来自 01–03，
+# 见文末附录。
 
 
 # ===== 1. 语料 → token 缓存 =====
@@ -127,10 +132,10 @@ def build_token_cache(files, enc, folder):
     return meta
 
 
-def load_corpus(data_path, enc, tokenizer_name, context_length):
+def load_corpus(data_path, enc, context_length):
     """返回 (train_tokens, val_tokens) 两个 np.memmap；缓存不存在时先建。"""
     files = find_text_files(data_path)
-    folder = CACHE_DIR / f"tokens-{corpus_key(files, tokenizer_name)}"
+    folder = CACHE_DIR / f"tokens-{corpus_key(files, enc.name)}"
     # 缓存目录名里带着内容哈希，所以只要 meta.json 在，就可以放心复用
     if (folder / "meta.json").is_file():
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -173,8 +178,9 @@ def get_batch(tokens, batch_size, context_length, generator, device):
     return x.to(device), y.to(device)
 
 
-# ===== 2. 模型尺寸与分词器 =====
-# mini 是默认：2 核 CPU 上约 5 分钟能看到它从乱码学到像样的句子；tiny 只用于 --quick 冒烟。
+
+# ===== 2. 模型、分词器与起点：load_init =====
+# mini 是默认：2 核 CPU 上几分钟就能看到它从乱码学到像样的句子；tiny 只用于 --quick 冒烟。
 MODEL_SIZES = {
     "tiny": dict(emb_dim=64, n_layers=2, n_heads=2, context_length=64),
     "mini": dict(emb_dim=256, n_layers=4, n_heads=4, context_length=128),
@@ -186,62 +192,66 @@ MODEL_SIZES = {
 }
 
 
-def tokenizer_record(enc, kind):
-    """检查点里记下分词器本身（项目分词器连同 ranks 一起存），载入时用同一个。"""
-    if kind == "gpt2":
-        return {"kind": "gpt2", "name": enc.name}
-    ranks = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
-    # tiktoken 没有公开导出 ranks 的接口，这里读它的内部属性；按 rank 排序后存成 base64 列表
-    return {"kind": "project", "name": enc.name, "pat_str": enc._pat_str,
-            "special_tokens": enc._special_tokens,
-            "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks]}
-
-
-def tokenizer_from_record(record):
-    if record["kind"] == "gpt2":
-        return get_gpt2_tokenizer()
-    # 项目分词器整份存在检查点里：即使 data/tokenizer.json 之后被重新训练，旧检查点也能正确解码
-    ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(record["mergeable_ranks"])}
-    return tiktoken.Encoding(name=record["name"], pat_str=record["pat_str"],
-                             mergeable_ranks=ranks, special_tokens=record["special_tokens"])
-
-
-def model_config(args, vocab_size):
-    """从 --model 出发，再用 --n-layers 等单项覆盖；词表按需补齐到 64 的倍数。"""
-    cfg = dict(MODEL_SIZES[args.model], vocab_size=vocab_size, drop_rate=args.drop_rate,
-               qkv_bias=False, use_sdpa=not args.no_sdpa)
+def model_config(size="mini", drop_rate=0.0, use_sdpa=True, **dims):
+    """MODEL_SIZES 的一个预设，再用显式给出的维度（emb_dim、n_layers、n_heads、context_length）
+    覆盖，None 表示不覆盖。不含 vocab_size：词表大小跟着分词器走。"""
+    cfg = dict(MODEL_SIZES[size], drop_rate=drop_rate, qkv_bias=False, use_sdpa=use_sdpa)
     # 命令行里显式给出的维度优先：方便在同一个预设上只改层数或宽度做对比
-    for key in ("emb_dim", "n_layers", "n_heads", "context_length"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    # 每个头分到 emb_dim / n_heads 维，除不尽就没法把向量平均切给各个头
-    if cfg["emb_dim"] % cfg["n_heads"]:
-        raise UserError(f"--emb-dim {cfg['emb_dim']} 必须能被 --n-heads {cfg['n_heads']} 整除")
-    # 矩阵维度是 64 的倍数时，矩阵乘法内核能整块处理；多出来的几行词表永远不会被当作目标
-    if not args.no_pad_vocab:
-        cfg["vocab_size"] = math.ceil(vocab_size / 64) * 64
+    cfg.update({key: value for key, value in dims.items() if value is not None})
     return cfg
 
 
-def pad_vocab(model, multiple=64):
-    """给载入的 GPT-2（词表 50257）补到 50304：新增的行永远不是训练目标，也不会被采样。"""
-    old = model.tok_emb.weight.shape[0]
-    new = math.ceil(old / multiple) * multiple
-    if new == old:
-        return model
-    with torch.no_grad():
-        # 新增的行填 0：它们对应的 id 从不出现在输入里，也被采样时的切片挡在外面
-        emb = torch.zeros(new, model.tok_emb.weight.shape[1], dtype=model.tok_emb.weight.dtype)
-        emb[:old] = model.tok_emb.weight
-        head = torch.zeros(new, model.out_head.weight.shape[1], dtype=emb.dtype)
-        head[:old] = model.out_head.weight
-    # GPT-2 的输出头与词嵌入是同一个矩阵（权重共享），补齐后也要保持共享
-    tied = model.out_head.weight is model.tok_emb.weight
-    model.tok_emb = nn.Embedding.from_pretrained(emb, freeze=False)
-    model.out_head.weight = model.tok_emb.weight if tied else nn.Parameter(head)
-    # cfg 跟着改：检查点里记下的是补齐后的词表大小，载入时才能建出同样形状的模型
-    model.cfg["vocab_size"] = new
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        raise UserError(f"找不到检查点 {path}（先训练一次，或检查 --out-dir）")
+    try:
+        # weights_only=True：只反序列化张量和基本类型，不执行文件里的任意代码
+        # map_location="cpu"：在 GPU 上存的检查点也能在只有 CPU 的机器上打开
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # 截断的 zip、随便什么字节……底层的英文报错帮不上读者，只报类型
+        raise UserError(f"检查点 {path} 已损坏或不是本脚本写出的文件（{type(err).__name__}）"
+                        ) from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "tokenizer"} <= ckpt.keys():
+        raise UserError(f"{path} 不是本脚本写出的检查点（缺少 config、model 或 tokenizer）")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    try:
+        model = GPTModel(ckpt["config"])
+        # 严格匹配：少一个键、多一个键或形状不同都会报错，而不是悄悄载入一半
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"检查点与模型结构不匹配（{type(err).__name__}）") from None
     return model
+
+
+def load_init(init, device, config="mini"):
+    """一个函数载入三种起点，返回 (model, tokenizer, config)；后面各章逐字复制它、一行调用：
+    - "random"：随机初始化（调用前先 torch.manual_seed）+ 项目分词器；
+      config 是 MODEL_SIZES 里的名字或一份完整的配置（vocab_size 总是取分词器的）
+    - 本章写出的检查点（*.pt）：模型 + 检查点里记录的分词器
+    - GPT-2 的名字（gpt2、gpt2-medium……，自动下载）或含 config.json 与 *.safetensors 的目录
+    config["vocab_size"] 可能比 tokenizer.n_vocab 大（补齐到 64 的倍数）：采样时只看前 n_vocab 个。"""
+    device = torch.device(device)
+    if init == "random":
+        tokenizer = load_project_tokenizer()
+        config = dict(model_config(config) if isinstance(config, str) else config,
+                      vocab_size=tokenizer.n_vocab)
+        # 先按配置算出要多少字节：放不下就不建，而不是等系统把进程杀掉
+        require_memory(model_bytes(config), device, "这个模型的参数")
+        model = GPTModel(config)
+    elif init.endswith(".pt") or Path(init).is_file():
+        ckpt = load_checkpoint(init)
+        tokenizer, model = tokenizer_from_record(ckpt["tokenizer"]), model_from_checkpoint(ckpt)
+    else:
+        model, _ = load_gpt2_hf(init)
+        tokenizer = get_gpt2_tokenizer()
+        require_memory(model_bytes(model.cfg), device, f"{init} 的参数")
+        # 载入的参数是内存映射上的视图：复制成普通的连续张量，训练时才能原地更新（共享的参数只复制一次）
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model.to(device), tokenizer, model.cfg
 
 
 # ===== 3. 训练目标：交叉熵与困惑度 =====
@@ -249,45 +259,48 @@ def pad_vocab(model, multiple=64):
 # 交叉熵 = -log(模型给正确下一个词的概率) 的平均；困惑度 = exp(交叉熵)，
 # 可读作"模型平均在多少个候选词之间犹豫"：随机初始化时约等于词表大小，学得越好越小。
 
-def calc_loss_batch(model, x, y, autocast):
+def calc_loss_batch(model, x, y):
     # x、y: (batch, context_length)；logits: (batch, context_length, vocab_size)
-    with autocast():
-        logits = model(x)
+    logits = model(x)
     # logits 转成 fp32 再算 softmax：bf16 下直接算交叉熵会丢精度
     # 摊平成 (batch·context_length, vocab_size) 与 (batch·context_length,)：每个位置都是一道"猜下一个词"的题
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
 @torch.no_grad()
-def evaluate(model, splits, args, device, autocast):
+def evaluate(state, s):
     """在训练集和验证集上各取 eval_iters 个批次求平均损失。固定随机种子取批次：
     每次评估看的是同一批数据，曲线才可比；也不会扰动训练用的随机数。"""
     # eval()：关掉 dropout，评估结果才稳定；结束时再切回 train()
-    model.eval()
+    state.model.eval()
     result = {}
-    for name, tokens in splits.items():
+    for name, tokens in state.splits.items():
         # 独立的随机数生成器：评估取哪些批次与训练进度无关，也不影响训练的随机序列
         gen = torch.Generator().manual_seed(1234)
-        losses = [calc_loss_batch(model, *get_batch(tokens, args.batch_size, args.context_length,
-                                                    gen, device), autocast).item()
-                  for _ in range(args.eval_iters)]
+        losses = []
+        for _ in range(s.eval_iters):
+            x, y = get_batch(tokens, s.batch_size, state.context_length, gen, state.device)
+            with state.autocast():
+                losses.append(calc_loss_batch(state.model, x, y).item())
         # 平均若干批次：单个批次的损失随抽到的文字波动很大
         result[name] = sum(losses) / len(losses)
-    model.train()
+    state.model.train()
     return result
 
 
-def sample_text(model, enc, prompt, args, device, max_new_tokens=40):
+def sample_text(state, s, prompt, max_new_tokens=40):
     """用固定提示词采样一段：每次评估都看同一个开头，读者能看到文字一点点变通顺。"""
+    model, enc = state.model, state.tokenizer
     model.eval()
-    # (1, 提示词长度)：生成函数按批处理，这里批大小为 1
-    ids = torch.tensor([enc.encode(prompt)], device=device)
+    # (1, 提示词长度)：生成函数按批处理，这里批大小为 1；空提示从 <|endoftext|>（新文档）开始
+    ids = torch.tensor([enc.encode(prompt, allowed_special="all") or [enc.eot_token]],
+                       device=state.device)
     # 补齐出来的词表行不能被采样，所以只看前 enc.n_vocab 个 logits
     real_vocab = lambda idx: model(idx)[..., :enc.n_vocab]
     with torch.random.fork_rng(devices=[]):  # 采样不消耗训练的随机数：续训才能逐位复现
-        torch.manual_seed(args.seed)
-        out = generate(real_vocab, ids, max_new_tokens, args.context_length,
-                       temperature=0.8, top_k=40, eos_id=enc.eot_token)
+        torch.manual_seed(s.seed)
+        out = generate(real_vocab, ids, max_new_tokens, state.context_length, temperature=0.8,
+                       top_k=40, eos_id=enc.eot_token, repetition_penalty=s.repetition_penalty)
     model.train()
     return enc.decode(out[0, ids.shape[1]:].tolist()).replace("\n", " ")
 
@@ -321,53 +334,421 @@ def lr_at(step, max_lr, warmup_steps, total_steps, min_lr):
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# ===== 5. 设备、精度与算力利用率 =====
+# ===== 5. 一次训练的状态，与检查点 =====
+# 训练循环读写的一切都在 RunState 里；"设置"（学习率、批次……用户要的）另放在 s 里，训练中不变。
+# 检查点 = RunState + 设置：把它存下来再读回，就能从中断处逐位相同地接着训练。
 
-def time_train_step(model, x, y, autocast, repeats=2):
-    """对真实模型做几次前向 + 反向计时（不更新参数），用于 --dtype auto 的决定。"""
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync(x.device)
-        t0 = time.perf_counter()
-        # 反向传播占训练的大约三分之二，只测前向会低估 bf16 的收益（或代价）
-        calc_loss_batch(model, x, y, autocast).backward()
-        sync(x.device)
-        best = min(best, time.perf_counter() - t0)
+@dataclass
+class RunState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: tiktoken.Encoding
+    splits: dict                  # {"train": 训练 token, "val": 验证 token}，都是 np.memmap
+    device: torch.device
+    dtype: str                    # 实际用的精度 "fp32" / "bf16"（--dtype auto 已选定），续训沿用
+    context_length: int           # 训练窗口：--context-length，没给就用满模型的上下文
+    data_gen: torch.Generator     # 取批次专用的随机数生成器：续训时恢复它，批次序列才接得上
+    step: int = 0
+    tokens_seen: int = 0
+    history: list = field(default_factory=list)  # 每步一个 dict，就是 history.csv 的一行
+    train_seconds: float = 0.0    # 只算训练步（不含评估、采样、存盘）的耗时，用来算 token/s
+    timed_steps: int = 0
+
+    def autocast(self):
+        # autocast 只把适合低精度的运算（矩阵乘法）换成 bf16；LayerNorm、softmax 等仍用 fp32
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
+
+
+def save_checkpoint(path, ckpt):
+    """先写到同目录的临时文件，落盘后再 os.replace 成正式文件名：这一步是原子的，
+    进程在任何时刻被杀，磁盘上要么是旧的完整检查点，要么是新的完整检查点。"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # fsync：确认数据真正写到了磁盘上再改名，断电后也不会得到一个"名字对、内容空"的文件
+    with open(tmp, "wb") as fh:
+        torch.save(ckpt, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_state(state, s):
+    return {
+        "config": state.model.cfg, "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "tokenizer": tokenizer_record(state.tokenizer),
+        "step": state.step, "tokens_seen": state.tokens_seen, "history": state.history,
+        "dtype": state.dtype,
+        # 随机数状态：dropout 用全局生成器，取批次用 data_gen；两者都还原，续训才能逐位相同
+        "rng": {"torch": torch.get_rng_state(), "data": state.data_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        # 只存简单类型：weights_only=True 的 torch.load 只认张量和基本类型
+        "settings": {k: v for k, v in vars(s).items() if isinstance(v, (int, float, str, bool))},
+    }
+
+
+def restore(state, ckpt):
+    """恢复优化器、步数、数据位置与随机数状态：接下来的每一步与不中断时逐位相同。"""
+    # 优化器里存着每个参数的一阶/二阶矩：续训必须一并恢复，否则相当于重新开始预热
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.data_gen.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"检查点的优化器或随机数状态与模型不匹配（{type(err).__name__}）") from None
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    state.step, state.tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+    state.history = [dict(row) for row in ckpt["history"]]
+    print(f"从第 {state.step} 步继续（已见 {state.tokens_seen:,} token）")
+
+
+HISTORY_FIELDS = ["step", "tokens_seen", "lr", "train_loss", "eval_train_loss", "eval_val_loss"]
+
+
+def write_history(out_dir, history):
+    """损失历史写成 CSV：每步一行；评估步额外填上训练集/验证集的平均损失，其余步留空。"""
+    tmp = out_dir / "history.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, HISTORY_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+    # 与检查点一样先写临时文件再改名：CSV 永远是完整的，可以边训练边用别的程序读
+    os.replace(tmp, out_dir / "history.csv")
+
+
+# ===== 6. 训练循环 =====
+
+def train_step(state, s, forward):
+    """一次参数更新：累积 grad_accum 个小批次的梯度（等效于大 batch，却只占小 batch 的内存）。
+    forward 是做前向的模块：state.model 本身，或 torch.compile 编译过的它（两者共享参数）。"""
+    lr = lr_at(state.step + 1, s.lr, s.warmup_steps, s.max_steps, s.lr * s.min_lr_ratio)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for _ in range(s.grad_accum):
+        x, y = get_batch(state.splits["train"], s.batch_size, state.context_length,
+                         state.data_gen, state.device)
+        with state.autocast():
+            # 除以累积次数：几个小批次的梯度相加后，正好等于它们合成的大批次的平均梯度
+            loss = calc_loss_batch(forward, x, y) / s.grad_accum
+        loss.backward()
+        total += loss.item()
+    # 梯度裁剪：偶尔一个"坏批次"会给出巨大的梯度，把范数压到阈值以内，防止一步把模型带飞
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), s.grad_clip)
+    state.optimizer.step()
+    # set_to_none=True：直接丢掉梯度张量而不是逐元素清零，省一次写内存；下一次 backward 会新建
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens_seen += s.batch_size * state.context_length * s.grad_accum
+    return total, lr
+
+
+def report_eval(state, s):
+    """评估 + 用固定开头采样一段，打印出来；返回要记进这一步历史的两个平均损失。"""
+    losses = evaluate(state, s)
+    print(f"  评估：训练 {losses['train']:.3f}  验证 {losses['val']:.3f}"
+          f"（困惑度 {math.exp(losses['val']):.1f}）  已见 {state.tokens_seen:,} token")
+    print(f"  样本：{shorten(s.prompt)}{sample_text(state, s, s.prompt)}")
+    return {"eval_train_loss": losses["train"], "eval_val_loss": losses["val"]}
+
+
+def train(state, s):
+    """主循环：训练 → 定期评估、采样、存检查点。返回停下的原因：done、stop_at 或 interrupted。"""
+    out_dir = Path(s.out_dir)
+    # torch.compile 把模型编译成融合内核：第一次调用要编译几十秒，之后每步更快；参数与 model 共享
+    forward = torch.compile(state.model) if s.compile else state.model
+    first_step, t_start, reason = state.step, time.perf_counter(), "done"
+    if state.step == 0:  # 训练前先评估一次：这就是"起点"，随机模型的损失约为 ln(词表大小)
+        state.history.append({"step": 0, "tokens_seen": 0, "lr": 0.0, **report_eval(state, s)})
+    # StopFlag（见进阶）：Ctrl-C 只记下"要停"，做完这一步、存好检查点再退出
+    with StopFlag() as stop:
+        while state.step < s.max_steps and reason == "done":
+            t0 = time.perf_counter()
+            loss, lr = train_step(state, s, forward)
+            sync(state.device)
+            if s.compile and state.step == first_step + 1:
+                # 编译发生在第一次调用里：单独报出来，不算进速度，否则 token/s 会被严重低估
+                print(f"  （第一步含 torch.compile 编译，用时 {time.perf_counter() - t0:.1f} 秒，"
+                      "不计入速度）")
+            else:
+                state.train_seconds += time.perf_counter() - t0
+                state.timed_steps += 1
+            row = {"step": state.step, "tokens_seen": state.tokens_seen, "lr": lr,
+                   "train_loss": loss}
+            state.history.append(row)
+            last = state.step == s.max_steps
+            if state.timed_steps and (state.step % s.log_every == 0 or last):
+                per_step = state.train_seconds / state.timed_steps
+                tok_s = s.batch_size * state.context_length * s.grad_accum / per_step
+                print(f"步 {state.step:>5}/{s.max_steps}  loss {loss:.3f}  lr {lr:.2e}  "
+                      f"{tok_s:,.0f} tok/s  已用 {time.perf_counter() - t_start:.0f}s  "
+                      f"剩余约 {(s.max_steps - state.step) * per_step:.0f}s", flush=True)
+            if state.step % s.eval_every == 0 or last:
+                row.update(report_eval(state, s))
+            if stop.requested or state.step == s.stop_at:
+                reason = "interrupted" if stop.requested else "stop_at"
+            if "eval_val_loss" in row or reason != "done":
+                save_checkpoint(out_dir / "ckpt.pt", checkpoint_state(state, s))
+                write_history(out_dir, state.history)
+    return reason
+
+
+# ===== 7. 主程序：命令行 → 设置 → 搭好 RunState → 训练 =====
+# 下面这些设置在命令行里默认是 None：这样才分得清"用户给了"还是"没给"，没给的再由 --quick 或检查点决定
+DEFAULTS = {"model": "mini", "batch_size": 16, "grad_accum": 1, "max_steps": 350, "lr": 1e-3,
+            "min_lr_ratio": 0.1, "warmup_steps": 30, "weight_decay": 0.1, "grad_clip": 1.0,
+            "eval_every": 70, "eval_iters": 8, "log_every": 20, "prompt": "从前有一个",
+            "repetition_penalty": 1.3, "optimizer": "fused", "dtype": "auto", "seed": 123,
+            "sweep_steps": 60}
+# --quick：tiny 模型、少量步数，用于测试和第一次试跑
+QUICK = {"model": "tiny", "max_steps": 40, "eval_every": 20, "eval_iters": 2, "warmup_steps": 5,
+         "lr": 3e-3, "log_every": 10, "batch_size": 8, "sweep_steps": 5, "sweep_trials": 2}
+# 续训时沿用检查点里的这些设置（命令行显式给出的除外）：于是单独一个 --resume 也能原样接上
+RESUMED = ("context_length", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_iters",
+           "log_every", "grad_clip", "prompt", "repetition_penalty", "optimizer", "seed")
+# 学习率计划总是沿用检查点的（只有总步数可以在续训时改大）：否则接上的曲线与不中断时不同
+SCHEDULE = ("lr", "warmup_steps", "min_lr_ratio", "weight_decay")
+SETTING_FLAGS = [  # (旗标, 类型, 说明)：说明后面自动补上 DEFAULTS / QUICK 里的取值
+    ("--batch-size", int, "每个小批次的序列数"),
+    ("--grad-accum", int, "梯度累积的小批次数：等效批次 = 它 × --batch-size"),
+    ("--max-steps", int, "参数更新总步数"),
+    ("--lr", float, "峰值学习率"),
+    ("--min-lr-ratio", float, "余弦退火的终点 = lr × 此比例"),
+    ("--warmup-steps", int, "线性预热步数"),
+    ("--weight-decay", float, "AdamW 权重衰减，只作用于矩阵"),
+    ("--grad-clip", float, "梯度范数裁剪阈值"),
+    ("--eval-every", int, "每多少步评估、采样、存检查点"),
+    ("--eval-iters", int, "每次评估平均多少个批次"),
+    ("--log-every", int, "每多少步打印一行进度"),
+    ("--prompt", str, "评估时用来采样的固定开头，不能长于上下文"),
+    ("--repetition-penalty", float, "采样时压低已出现过的词：1 = 不压；小模型不压容易陷进“““”循环"),
+    ("--seed", int, "随机种子，CPU 上完全可复现"),
+    ("--sweep-steps", int, "--sweep 时每组训练的步数"),
+]
+
+
+def build_parser():
+    p = ArgParser(description="在无标注文本上预训练 GPT（默认：data/ 语料 + 项目分词器）")
+    p.add_argument("--data", default=str(DATA_DIR / "corpus"),
+                   help="语料：一个文本文件，或递归查找 .txt 的目录（默认 data/corpus）")
+    p.add_argument("--model", choices=list(MODEL_SIZES),
+                   help="随机初始化时的模型尺寸：tiny/mini（CPU）或 GPT-2 的四个尺寸（默认 mini）")
+    p.add_argument("--init", default="random",
+                   help="起点：random=随机初始化（默认）；本章写出的检查点 *.pt（换新的优化器接着训练）；"
+                        "gpt2/gpt2-medium/…=从真实 GPT-2 权重继续预训练（改用 GPT-2 分词器）；"
+                        "或含 config.json 与 *.safetensors 的目录")
+    for flag, text in (("--n-layers", "层数"), ("--n-heads", "注意力头数"),
+                       ("--emb-dim", "嵌入维度（须能被头数整除）")):
+        p.add_argument(flag, type=int, help=f"覆盖 --model 的{text}")
+    p.add_argument("--context-length", type=int, help="上下文长度（训练窗口的 token 数，默认用满模型的）")
+    p.add_argument("--drop-rate", type=float, default=0.0,
+                   help="dropout 概率（默认 0：几分钟的短训练里它只拖慢速度，数据多、训练久时再开）")
+    for flag, kind, text in SETTING_FLAGS:
+        key = flag[2:].replace("-", "_")
+        quick = f"，--quick 时 {QUICK[key]}" if key in QUICK else ""
+        p.add_argument(flag, type=kind, help=f"{text}（默认 {DEFAULTS[key]}{quick}）")
+    p.add_argument("--out-dir", default="runs/pretrain", help="检查点、CSV、损失曲线的目录")
+    p.add_argument("--resume", action="store_true",
+                   help="从 out-dir/ckpt.pt 逐位相同地接着训练（没给的设置沿用检查点的）")
+    p.add_argument("--stop-at", type=int, help="训练到第 N 步就存检查点并退出（模拟中断）")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
+                   help="auto：实测 bf16 自动混合精度快 1.3 倍以上才用（默认；续训沿用检查点的选择）")
+    p.add_argument("--compile", action="store_true", help="用 torch.compile 编译模型")
+    p.add_argument("--optimizer", choices=["fused", "foreach", "loop"],
+                   help="AdamW 的实现：fused 最快（默认）")
+    p.add_argument("--no-sdpa", action="store_true", help="关掉 SDPA，用手写注意力（对比速度）")
+    p.add_argument("--no-pad-vocab", action="store_true", help="不把词表补齐到 64 的倍数")
+    p.add_argument("--sweep", action="store_true", help="超参数搜索：每组训练 --sweep-steps 步并排名")
+    p.add_argument("--sweep-trials", type=int,
+                   help=f"搜索多少组（默认全部 {len(SWEEP_GRID)} 组，--quick 时 {QUICK['sweep_trials']}）")
+    p.add_argument("--interactive", action="store_true",
+                   help="不训练：载入 out-dir 的检查点（或 --init 的权重）在终端里交互生成")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="计算设备，auto = cuda > mps > cpu")
+    p.add_argument("--quick", action="store_true",
+                   help=f"冒烟测试：tiny 模型、{QUICK['max_steps']} 步（2 核 CPU 约 10 秒）")
+    return p
+
+
+def make_settings(args, ckpt=None):
+    """命令行 → 本次运行的设置：一个新的 Namespace，args 本身不改。从低到高层层覆盖：
+    默认值 < --quick 的取值 < 检查点里的设置（续训时）< 命令行显式给出的值 < 检查点的学习率计划。"""
+    layers = [DEFAULTS, QUICK if args.quick else {}]
+    if ckpt is not None:
+        saved = ckpt["settings"]
+        # 检查点记下的是当时实际用的精度（auto 已选定）：沿用它，续训才逐位相同
+        layers.append({key: saved[key] for key in RESUMED if key in saved}
+                      | {"dtype": ckpt["dtype"]})
+    layers.append({key: value for key, value in vars(args).items() if value is not None})
+    if ckpt is not None:
+        layers.append({key: saved[key] for key in SCHEDULE})
+        ignored = [f"--{key.replace('_', '-')}" for key in SCHEDULE
+                   if getattr(args, key) not in (None, saved[key])]
+        if ignored:
+            print(f"续训沿用检查点的学习率计划，忽略命令行的 {'、'.join(ignored)}")
+    merged = dict(vars(args))  # 所有键先到齐（没给的是 None），再一层层盖上去
+    for layer in layers:
+        merged.update(layer)
+    return argparse.Namespace(**merged)
+
+
+def build_run(s, ckpt=None):
+    """按设置搭好一次训练：模型与分词器（续训时来自检查点）、数据、精度、优化器。"""
+    device = resolve_device(s.device)
+    if ckpt is None:
+        dims = ("emb_dim", "n_layers", "n_heads", "context_length")
+        config = model_config(s.model, s.drop_rate, not s.no_sdpa,
+                              **{key: getattr(s, key) for key in dims})
+        if s.init == "random":  # 先按配置估内存：放不下就不必真的分配、初始化
+            enc = load_project_tokenizer()
+            check_fits(s, dict(config, vocab_size=enc.n_vocab), enc, device)
+        torch.manual_seed(s.seed)  # 随机初始化也可复现
+        model, enc, _ = load_init(s.init, device, config)
+        if not s.no_pad_vocab:
+            pad_vocab(model)
+    else:
+        model = model_from_checkpoint(ckpt).to(device)
+        enc = tokenizer_from_record(ckpt["tokenizer"])
+    cfg, window = model.cfg, window_for(s, model.cfg)
+    # 续训或载入的权重：维度以起点模型为准，命令行若另有要求就说清楚，而不是悄悄忽略
+    for key in ("n_layers", "n_heads", "emb_dim"):
+        if getattr(s, key) not in (None, cfg[key]):
+            raise UserError(f"起点模型的 {key} = {cfg[key]}，与命令行要求的 {getattr(s, key)} 不符")
+    check_fits(s, cfg, enc, device)  # 提示词长度与内存：在读数据、分配优化器之前
+    train_tokens, val_tokens = load_corpus(s.data, enc, window)
+    # 一个探测批次：只用来给 --dtype auto 测速，取自独立的生成器，不影响训练取数
+    probe = get_batch(train_tokens, s.batch_size, window, torch.Generator().manual_seed(0), device)
+    with torch.random.fork_rng(devices=[]):  # 测速用的随机矩阵不能消耗训练的随机数
+        dtype = choose_dtype(s.dtype, model, *probe)
+    print(f"模型：{cfg['n_layers']} 层，宽 {cfg['emb_dim']}，{cfg['n_heads']} 头，上下文 {window}，"
+          f"词表 {cfg['vocab_size']}（分词器 {enc.name}，{enc.n_vocab} 个 token），"
+          f"参数 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M；训练集 "
+          f"{len(train_tokens):,} token，验证集 {len(val_tokens):,} token；设备 {device}，精度 {dtype}")
+    state = RunState(model, make_optimizer(model, s.lr, s.weight_decay, s.optimizer), enc,
+                     {"train": train_tokens, "val": val_tokens}, device, dtype, window,
+                     torch.Generator().manual_seed(s.seed))
+    if ckpt is not None:
+        restore(state, ckpt)  # 放在最后：之前的步骤（建模型、测速）都不能再动随机数
+    return state
+
+
+def finish(state, s, reason):
+    out_dir = Path(s.out_dir)
+    if reason == "interrupted":
+        print(f"已保存检查点 {out_dir / 'ckpt.pt'}；用 --resume 从第 {state.step} 步继续。")
+        sys.exit(130)
+    if reason == "stop_at":
+        print(f"按 --stop-at 在第 {state.step} 步停下，检查点已保存；用 --resume 继续。")
+        return
+    plot_history(out_dir, state.history)
+    report_speed(state, s)
+    print(f"检查点：{out_dir / 'ckpt.pt'}   损失历史：{out_dir / 'history.csv'}")
+    print("最终样本：")
+    # 三个不同的开头：看看模型是不是只会接一种话；英文开头检验它从那 4 篇英文随笔里学到了多少
+    for prompt in (s.prompt, "今天", "The"):
+        print(f"  {shorten(prompt)}{sample_text(state, s, prompt, 60)}")
+
+
+def run(args):
+    ckpt = None
+    if args.resume:  # 续训：先读检查点，它记下的设置要参与下面的合并
+        ckpt = load_checkpoint(Path(args.out_dir) / "ckpt.pt")
+        if not {"settings", "dtype", "optimizer", "rng", "step", "tokens_seen",
+                "history"} <= ckpt.keys():
+            raise UserError("检查点缺少续训所需的状态（可能是旧版本写出的）；可以用 --init 它，"
+                            "从它的权重开始新的训练")
+    s = make_settings(args, ckpt)
+    check_args(s)
+    if s.interactive:
+        return interactive(s)
+    state = build_run(s, ckpt)
+    if s.sweep:  # 超参数搜索：它为每组超参数新建模型，不动上面这个
+        return run_sweep(state, s)
+    try:
+        Path(s.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"无法创建 --out-dir {s.out_dir}（{type(err).__name__}）") from None
+    finish(state, s, train(state, s))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"错误：{err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # 训练循环之外（切词、评估、交互）按 Ctrl-C：安静退出，已存的文件不受影响
+        print("\n已中断。", file=sys.stderr)
+        sys.exit(130)
+
+
+# ===== 进阶：速度、内存、输出细节、超参数搜索、交互生成（第一次读可以跳过）=====
+
+# —— 词表补齐：矩阵维度是 64 的倍数时，矩阵乘法内核能整块处理 ——
+def pad_vocab(model, multiple=64):
+    """把词表补到 multiple 的倍数（GPT-2 的 50257 → 50304）：新增的行永远不是训练目标，也不会被采样。"""
+    old = model.tok_emb.weight.shape[0]
+    new = math.ceil(old / multiple) * multiple
+    if new == old:
+        return model
+    weight = model.tok_emb.weight
+    with torch.no_grad():
+        # 新增的行填 0：它们对应的 id 从不出现在输入里，也被采样时的切片挡在外面
+        emb = torch.zeros(new, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        emb[:old] = weight
+        head = torch.zeros_like(emb)
+        head[:old] = model.out_head.weight
+    # GPT-2 的输出头与词嵌入是同一个矩阵（权重共享），补齐后也要保持共享
+    tied = model.out_head.weight is weight
+    model.tok_emb = nn.Embedding.from_pretrained(emb, freeze=False)
+    model.out_head.weight = model.tok_emb.weight if tied else nn.Parameter(head)
+    # cfg 跟着改：检查点里记下的是补齐后的词表大小，载入时才能建出同样形状的模型
+    model.cfg["vocab_size"] = new
+    return model
+
+
+# —— 精度：bf16 只在实测明显更快时才用 ——
+def time_train_steps(model, x, y, rounds):
+    """fp32 与 bf16 交替各做 rounds 次前向 + 反向（不更新参数），各取最快的一次（秒）。交替、取最快：
+    机器忙时单次计时会被别的进程拖慢几倍。反向约占训练的三分之二，只测前向会看错。"""
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    for _ in range(rounds):
+        for dtype in best:
+            sync(x.device)
+            t0 = time.perf_counter()
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = calc_loss_batch(model, x, y)
+            loss.backward()
+            sync(x.device)
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
     # 测速时积累的梯度必须清掉，否则会混进第一步真正的训练
     model.zero_grad(set_to_none=True)
     return best
 
 
-def choose_dtype(requested, model, x, y, device):
+def choose_dtype(requested, model, x, y):
     """bf16 自动混合精度：矩阵乘法用 bf16（快、省内存），对精度敏感的运算仍是 fp32。
-    auto：CUDA 上看显卡是否支持 bf16；CPU 上只有实测更快才用——没有原生 bf16 指令的 CPU 反而慢得多。"""
+    auto：CUDA 上看显卡是否支持 bf16；CPU 上只有实测快 1.3 倍以上才用——没有原生 bf16 指令的 CPU
+    反而慢几十倍；差不多快时选 fp32：结果更准，也不会随计时噪声这次选 bf16、下次选 fp32。"""
+    device = x.device
     if requested != "auto" or device.type == "mps":
         return "fp32" if device.type == "mps" else requested
     # Ampere 及更新的显卡原生支持 bf16：吞吐约翻倍，且不像 fp16 那样需要损失缩放
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    # 先用小矩阵粗测：bf16 连 fp32 的一半都不到，就不必再用整个模型测了
-    fp32_peak = time_matmul(device, torch.float32, 256, reps=3)
-    bf16_peak = time_matmul(device, torch.bfloat16, 256, reps=3)
-    if bf16_peak < 0.5 * fp32_peak:
-        print(f"精度：CPU 上 bf16 矩阵乘法 {bf16_peak / 1e9:.1f} GFLOP/s，"
-              f"fp32 {fp32_peak / 1e9:.1f} GFLOP/s（无原生 bf16）→ 用 fp32")
-        return "fp32"
-    # 有原生 bf16 的 CPU（AVX512-BF16、AMX）：用真实模型各测一步，谁快用谁
-    t32 = time_train_step(model, x, y, make_autocast(device, "fp32"))
-    t16 = time_train_step(model, x, y, make_autocast(device, "bf16"))
-    choice = "bf16" if t16 < t32 else "fp32"
-    print(f"精度：实测一步前向+反向 fp32 {t32 * 1000:.0f} ms，bf16 {t16 * 1000:.0f} ms → 用 {choice}")
+    # 先用一小段（1 条序列、至多 32 个 token）测 3 轮：便宜，又足以认出"没有原生 bf16"——
+    # 那样的 CPU 上整批测一步 bf16 就要几十秒
+    best, label = time_train_steps(model, x[:1, :32], y[:1, :32], rounds=3), "一小段"
+    if best["bf16"] < 2 * best["fp32"]:  # 像是有原生 bf16（AVX512-BF16、AMX）：用整批再测 3 轮
+        best, label = time_train_steps(model, x, y, rounds=3), "整批"
+    choice = "bf16" if best["fp32"] >= 1.3 * best["bf16"] else "fp32"
+    print(f"精度：实测{label}前向+反向 fp32 {best['fp32'] * 1000:.1f} ms，"
+          f"bf16 {best['bf16'] * 1000:.1f} ms → 用 {choice}（bf16 要快 1.3 倍以上才用）")
     return choice
 
 
-def make_autocast(device, dtype):
-    # autocast 只把适合低精度的运算（矩阵乘法）换成 bf16；LayerNorm、softmax 等仍用 fp32
-    if dtype == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
+# —— 速度与算力利用率（MFU） ——
 def flops_per_token(model, context_length):
     """训练每个 token 的浮点运算数 ≈ 6·(参与矩阵乘法的参数量) + 12·层数·宽度·上下文长度。
     前向每个参数一次乘加（2 次运算），反向约是前向的两倍，合计 6；第二项是注意力的 QKᵀ 与 加权求和。"""
@@ -377,82 +758,132 @@ def flops_per_token(model, context_length):
     return 6 * matmul_params + 12 * cfg["n_layers"] * cfg["emb_dim"] * context_length
 
 
-# ===== 6. 检查点：原子写入、可逐位续训 =====
-
-def save_checkpoint(path, state):
-    """先写到同目录的临时文件，落盘后再 os.replace 成正式文件名：这一步是原子的，
-    进程在任何时刻被杀，磁盘上要么是旧的完整检查点，要么是新的完整检查点。"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # fsync：确认数据真正写到了磁盘上再改名，断电后也不会得到一个"名字对、内容空"的文件
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not Path(path).is_file():
-        raise UserError(f"找不到检查点 {path}（先训练一次，或检查 --out-dir）")
-    try:
-        # weights_only=True：只反序列化张量和基本类型，不执行文件里的任意代码
-        # map_location="cpu"：在 GPU 上存的检查点也能在只有 CPU 的机器上打开
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"检查点 {path} 已损坏或不是本脚本写出的文件（{first_line[:120]}）") from None
-
-
-def build_model_from_checkpoint(ckpt):
-    model = GPTModel(ckpt["config"])
-    try:
-        # 严格匹配：少一个键、多一个键或形状不同都会报错，而不是悄悄载入一半
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise UserError(f"检查点与模型结构不匹配：{str(err).splitlines()[0]}") from None
-    return model
-
-
-def write_history(out_dir, history):
-    """损失历史写成 CSV：每步一行；评估步额外填上训练集/验证集的平均损失。"""
-    tmp = out_dir / "history.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["step", "tokens_seen", "lr", "train_loss", "eval_train_loss",
-                         "eval_val_loss"])
-        writer.writerows(history)
-    # 与检查点一样先写临时文件再改名：CSV 永远是完整的，可以边训练边用别的程序读
-    os.replace(tmp, out_dir / "history.csv")
-
-
-def plot_history(out_dir, history):
-    """画损失曲线（横轴：见过的 token 数）。matplotlib 是可选依赖。"""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("（未安装 matplotlib，跳过画图；pip install matplotlib 后重跑即可得到 loss.png）")
+def report_speed(state, s):
+    """速度只按训练步计时（不含评估、采样、存盘），所以与其他训练脚本的 token/s 可以直接比较。
+    MFU = 实际完成的模型浮点运算 / 硬件峰值：衡量"算力用上了多少"，与模型大小无关，便于横向比较。"""
+    if not state.timed_steps:
         return
-    # 只有评估步才有平均损失；单个批次的损失噪声大，画成淡色作背景
-    evals = [row for row in history if row[5] != ""]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [row for row in history if row[3] != ""]
-    ax.plot([r[1] for r in steps], [r[3] for r in steps], alpha=0.3, label="train (batch)")
-    ax.plot([r[1] for r in evals], [r[4] for r in evals], "o-", label="train (eval)")
-    ax.plot([r[1] for r in evals], [r[5] for r in evals], "o-", label="val")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
-    print(f"损失曲线：{out_dir / 'loss.png'}")
+    tok_s = state.timed_steps * s.batch_size * state.context_length * s.grad_accum
+    tok_s /= state.train_seconds
+    flops = tok_s * flops_per_token(state.model, state.context_length)
+    # 峰值随机器负载起伏：训练刚结束时测三次、取最快，说的是"这台机器、此刻"
+    peak_dtype = torch.bfloat16 if state.dtype == "bf16" else torch.float32
+    peak, size = max(measure_matmul_peak(state.device, peak_dtype) for _ in range(3))
+    print(f"速度：{tok_s:,.0f} token/s，模型算力 {flops / 1e9:.1f} GFLOP/s；本机此刻实测 "
+          f"{state.dtype} 矩阵乘峰值 {peak / 1e9:.1f} GFLOP/s（{size}×{size}）→ MFU {flops / peak:.0%}")
+    if flops > peak:
+        print("（MFU 超过 100%：测峰值时别的进程正占着 CPU，这个比例不可信，机器空闲时再测）")
 
 
-# ===== 7. 训练循环 =====
+# —— 内存：先估算，放不下就用一行中文拒绝，而不是等系统把进程杀掉 ——
+def require_memory(need, device, what):
+    """need 字节放不进 device 此刻的空闲内存时，在分配之前用一行中文拒绝。"""
+    # 查不到空闲内存的系统（非 Linux 的 CPU）按 64 GB 的宽松上限算：挡住离谱的设置，不误拒正常的
+    free = free_memory_bytes(device)
+    free = 64 * 2**30 if free is None else free
+    if need > free:
+        raise UserError(f"{what}约需 {need / 2**30:.1f} GB 内存，{device.type} 上此刻只剩约 "
+                        f"{free / 2**30:.1f} GB：请换小一点的模型或设置")
 
+
+def param_count(cfg):
+    """按配置算出 GPTModel 的参数个数，不必真的建模型（测试里与建出的模型逐个核对过）。"""
+    d = cfg["emb_dim"]
+    # 每个块：Q/K/V 与输出投影 4d²、前馈 8d²；偏置与两个 LayerNorm 共 10d（Q/K/V 带偏置再加 3d）
+    block = 12 * d * d + (13 if cfg["qkv_bias"] else 10) * d
+    # 词嵌入与输出头各 V·d（共享时只算一份，这里按不共享估：宁多勿少）、位置嵌入 T·d、最后的 LayerNorm
+    return cfg["n_layers"] * block + (2 * cfg["vocab_size"] + cfg["context_length"] + 2) * d
+
+
+def model_bytes(cfg):
+    # fp32 参数每个 4 字节；每层还有一个 上下文² 的布尔因果掩码（每格 1 字节）
+    return 4 * param_count(cfg) + cfg["n_layers"] * cfg["context_length"] ** 2
+
+
+def training_bytes(cfg, batch_size, context_length):
+    """训练一步大约要多少字节（按 fp32 粗估，宁多勿少）：参数、梯度、AdamW 的两份矩估计各一份，
+    加上反向传播要存下的激活值和 logits。实测 tiny、mini（批次 16–256）的峰值是这个估算的 65%–95%。"""
+    tokens = batch_size * context_length
+    weights = 16 * param_count(cfg)
+    # 每层为反向传播存下约 20 个 emb_dim 宽的向量（LayerNorm 的输入输出、Q/K/V、4 倍宽的前馈……）
+    activations = 4 * 20 * tokens * cfg["n_layers"] * cfg["emb_dim"]
+    if not cfg.get("use_sdpa", True):  # 手写注意力还要存每个头的 上下文 × 上下文 分数矩阵
+        activations += 4 * 3 * tokens * cfg["n_heads"] * context_length * cfg["n_layers"]
+    # logits、它的 fp32 副本、softmax、梯度……：每个位置约 5 份词表那么长的向量
+    return weights + activations + 5 * 4 * tokens * cfg["vocab_size"]
+
+
+# —— 开工前的检查：每个数值设置、上下文、提示词、内存 ——
+def check_args(s):
+    """开工之前检查每个数值设置：负数、零、NaN、无穷、大得离谱，都用一行中文拒绝。
+    这里的上限只挡住明显的笔误；放不放得进内存，要等知道模型的大小后再估算（check_fits）。"""
+    limits = {
+        "n_layers": (1, 256), "n_heads": (1, 1024), "emb_dim": (1, 65536),
+        # 每层的因果掩码是 上下文长度² 个布尔值：16384 时已占 256 MB
+        "context_length": (2, 16384), "drop_rate": (0, 0.9), "batch_size": (1, 1 << 20),
+        "grad_accum": (1, 1 << 16), "max_steps": (1, 10**9), "warmup_steps": (0, 10**9),
+        "stop_at": (1, 10**9), "lr": (1e-8, 1), "min_lr_ratio": (0, 1), "weight_decay": (0, 1),
+        "grad_clip": (1e-4, 1e4), "eval_every": (1, 10**9), "eval_iters": (1, 10_000),
+        "log_every": (1, 10**9), "repetition_penalty": (1, 10), "sweep_steps": (1, 10**6),
+        "sweep_trials": (1, len(SWEEP_GRID)), "seed": (0, 2**32 - 1),
+    }
+    for key, (low, high) in limits.items():
+        if getattr(s, key) is not None:
+            check_range(f"--{key.replace('_', '-')}", getattr(s, key), low, high)
+    # 每个头分到 emb_dim / n_heads 维，除不尽就没法把向量平均切给各个头
+    cfg = model_config(s.model, emb_dim=s.emb_dim, n_heads=s.n_heads)
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise UserError(f"--emb-dim {cfg['emb_dim']} 必须能被 --n-heads {cfg['n_heads']} 整除")
+    if Path(s.out_dir).exists() and not Path(s.out_dir).is_dir():
+        raise UserError(f"--out-dir {s.out_dir} 已存在，但不是目录")
+
+
+def window_for(s, cfg):
+    """训练/生成窗口：--context-length，没给就用满模型的上下文；不能超过模型的位置嵌入。"""
+    window = s.context_length or cfg["context_length"]
+    if window > cfg["context_length"]:
+        raise UserError(f"--context-length {window} 超过模型支持的 {cfg['context_length']}")
+    return window
+
+
+def check_fits(s, cfg, enc, device):
+    """开始读数据、分配优化器之前（随机初始化时甚至在建模型之前）：提示词放得进上下文吗？
+    训练放得进内存吗？只看模型的配置，不必真的分配。"""
+    window = window_for(s, cfg)
+    n_prompt = len(enc.encode(s.prompt, allowed_special="all"))
+    if n_prompt > window:  # 生成时只看最后 window 个 token：更早的部分模型根本看不见
+        raise UserError(f"--prompt 有 {n_prompt} 个 token，超过上下文长度 {window}：请缩短它")
+    # 搜索时每组用 SWEEP_GRID 自己的批次大小：按其中最大的估
+    batch = max(s.batch_size, *(trial[4] for trial in SWEEP_GRID)) if s.sweep else s.batch_size
+    require_memory(training_bytes(cfg, batch, window), device,
+                   f"按 --batch-size {batch}、上下文 {window} 训练这个模型")
+
+
+# —— 检查点里的分词器 ——
+def tokenizer_record(enc):
+    """检查点里记下分词器本身（项目分词器连同 ranks 一起存），载入时用同一个。"""
+    if enc.name == "gpt2":
+        return {"kind": "gpt2", "name": enc.name}
+    ranks = sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])
+    # tiktoken 没有公开导出 ranks 的接口，这里读它的内部属性；按 rank 排序后存成 base64 列表
+    return {"kind": "project", "name": enc.name, "pat_str": enc._pat_str,
+            "special_tokens": enc._special_tokens,
+            "mergeable_ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks]}
+
+
+def tokenizer_from_record(record):
+    # 项目分词器整份存在检查点里：即使 data/tokenizer.json 之后被重新训练，旧检查点也能正确解码
+    try:
+        if record["kind"] == "gpt2":
+            return get_gpt2_tokenizer()
+        ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(record["mergeable_ranks"])}
+        return tiktoken.Encoding(name=record["name"], pat_str=record["pat_str"],
+                                 mergeable_ranks=ranks, special_tokens=record["special_tokens"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"检查点里记录的分词器已损坏（{type(err).__name__}）") from None
+
+
+# —— Ctrl-C：做完这一步、存好检查点再退出 ——
 class StopFlag:
     """Ctrl-C 不立刻打断：只记下"要停"，当前这一步做完后保存检查点再退出，
     这样参数不会停在"更新了一半"的状态。再按一次 Ctrl-C 才强制退出。"""
@@ -476,103 +907,39 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train_step(model, optimizer, splits, state, args, device, autocast):
-    """一次参数更新：累积 grad_accum 个小批次的梯度（等效于大 batch，却只占小 batch 的内存）。"""
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(state["step"] + 1, args.lr, args.warmup_steps, args.max_steps,
-                            args.lr * args.min_lr_ratio)
-    total = 0.0
-    for _ in range(args.grad_accum):
-        x, y = get_batch(splits["train"], args.batch_size, args.context_length,
-                         state["data_gen"], device)
-        # 除以累积次数：几个小批次的梯度相加后，正好等于它们合成的大批次的平均梯度
-        loss = calc_loss_batch(model, x, y, autocast) / args.grad_accum
-        loss.backward()
-        total += loss.item()
-    # 梯度裁剪：偶尔一个"坏批次"会给出巨大的梯度，把范数压到 1 以内，防止一步把模型带飞
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    optimizer.step()
-    # set_to_none=True：直接丢掉梯度张量而不是逐元素清零，省一次写内存；下一次 backward 会新建
-    optimizer.zero_grad(set_to_none=True)
-    state["step"] += 1
-    state["tokens_seen"] += args.batch_size * args.context_length * args.grad_accum
-    return total, optimizer.param_groups[0]["lr"]
+# —— 输出细节 ——
+def shorten(text, limit=24):
+    """长提示词在每行输出里只显示结尾（续写接的就是结尾），免得一行被几千个字淹没。"""
+    return text if len(text) <= limit else f"…{text[-limit:]}"
 
 
-def checkpoint_state(model, optimizer, state, args, tok_record):
-    return {
-        "config": model.cfg, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "tokenizer": tok_record, "step": state["step"], "tokens_seen": state["tokens_seen"],
-        "schedule": {k: getattr(args, k) for k in ("lr", "warmup_steps", "max_steps",
-                                                   "min_lr_ratio", "weight_decay")},
-        # 随机数状态：dropout 用全局生成器，取批次用 data_gen；两者都还原，续训才能逐位相同
-        "rng": {"torch": torch.get_rng_state(), "data": state["data_gen"].get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "history": state["history"], "args": {k: v for k, v in vars(args).items()
-                                              if isinstance(v, (int, float, str, bool))},
-    }
+def plot_history(out_dir, history):
+    """画损失曲线（横轴：见过的 token 数）。matplotlib 是可选依赖。"""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("（未安装 matplotlib，跳过画图；pip install matplotlib 后重跑即可得到 loss.png）")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # 每步都有单个批次的损失，噪声大，画成淡色作背景；评估步才有平均损失
+    for key, style, label in (("train_loss", "-", "train (batch)"),
+                              ("eval_train_loss", "o-", "train (eval)"),
+                              ("eval_val_loss", "o-", "val")):
+        rows = [row for row in history if key in row]
+        ax.plot([r["tokens_seen"] for r in rows], [r[key] for r in rows], style, label=label,
+                alpha=0.3 if key == "train_loss" else 1.0)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    print(f"损失曲线：{out_dir / 'loss.png'}")
 
 
-def report_eval(model, splits, enc, state, args, device, autocast):
-    """评估 + 用固定开头采样一段，打印出来；返回 [训练集损失, 验证集损失]。"""
-    losses = evaluate(model, splits, args, device, autocast)
-    print(f"  评估：训练 {losses['train']:.3f}  验证 {losses['val']:.3f}"
-          f"（困惑度 {math.exp(losses['val']):.1f}）  已见 {state['tokens_seen']:,} token")
-    print(f"  样本：{args.prompt}{sample_text(model, enc, args.prompt, args, device)}")
-    return [losses["train"], losses["val"]]
-
-
-def train(model, optimizer, splits, enc, state, args, device, autocast, tok_record):
-    """主循环：训练 → 定期评估、采样、存检查点 → 结束时汇报速度与 MFU。"""
-    out_dir = Path(args.out_dir)
-    # torch.compile 把模型编译成融合内核：第一次调用要编译几十秒，之后每步更快；参数与 model 共享
-    step_model = torch.compile(model) if args.compile else model
-    tokens_per_step = args.batch_size * args.context_length * args.grad_accum
-    # MFU = 实际完成的模型浮点运算 / 硬件峰值：衡量"算力用上了多少"，与模型大小无关，便于横向比较
-    fpt = flops_per_token(model, args.context_length)
-    start_step, t_start = state["step"], time.perf_counter()
-    train_time, timed_steps, stop_reason = 0.0, 0, "done"
-    if state["step"] == 0:  # 训练前先评估一次：这就是"起点"，随机模型的损失约为 ln(词表大小)
-        state["history"].append([0, 0, 0.0, "", *report_eval(model, splits, enc, state, args,
-                                                              device, autocast)])
-    with StopFlag() as stop:
-        while state["step"] < args.max_steps:
-            t0 = time.perf_counter()
-            loss, lr = train_step(step_model, optimizer, splits, state, args, device, autocast)
-            sync(device)
-            step = state["step"]
-            if args.compile and step == start_step + 1:
-                # 编译发生在第一次调用里：单独报出来，不算进速度，否则 token/s 会被严重低估
-                print(f"  （第一步含 torch.compile 编译，用时 {time.perf_counter() - t0:.1f} 秒，不计入速度）")
-            else:
-                train_time += time.perf_counter() - t0
-                timed_steps += 1
-            state["history"].append([step, state["tokens_seen"], lr, loss, "", ""])
-            if timed_steps and (step % args.log_every == 0 or step == args.max_steps):
-                tok_s = timed_steps * tokens_per_step / train_time
-                eta = (args.max_steps - step) * train_time / timed_steps
-                print(f"步 {step:>5}/{args.max_steps}  loss {loss:.3f}  lr {lr:.2e}  "
-                      f"{tok_s:,.0f} tok/s  已用 {time.perf_counter() - t_start:.0f}s  "
-                      f"剩余约 {eta:.0f}s", flush=True)
-            is_eval = step % args.eval_every == 0 or step == args.max_steps
-            if is_eval:
-                state["history"][-1][4:] = report_eval(model, splits, enc, state, args, device,
-                                                       autocast)
-            if stop.requested or step == args.stop_at:
-                stop_reason = "interrupted" if stop.requested else "stop_at"
-            if is_eval or stop_reason != "done":
-                save_checkpoint(out_dir / "ckpt.pt",
-                                checkpoint_state(model, optimizer, state, args, tok_record))
-                write_history(out_dir, state["history"])
-            if stop_reason != "done":
-                break
-    if timed_steps:
-        tok_s = timed_steps * tokens_per_step / train_time
-        state["tokens_per_s"], state["mfu_flops"] = tok_s, tok_s * fpt
-    return stop_reason
-
-
-# ===== 8. 超参数搜索（--sweep） =====
+# —— 超参数搜索（--sweep） ——
 SWEEP_GRID = [  # (学习率, 预热步数, 权重衰减, dropout, batch)：每次只改一两个量，便于看出影响
     (1e-3, 10, 0.1, 0.0, 16), (3e-3, 10, 0.1, 0.0, 16), (3e-4, 10, 0.1, 0.0, 16),
     (1e-3, 0, 0.1, 0.0, 16), (1e-3, 10, 0.0, 0.0, 16), (1e-3, 10, 0.1, 0.1, 16),
@@ -580,25 +947,24 @@ SWEEP_GRID = [  # (学习率, 预热步数, 权重衰减, dropout, batch)：每�
 ]
 
 
-def run_sweep(args, enc, splits, device, autocast):
+def run_sweep(base, s):
     """每组超参数从同一个随机种子开始，训练同样多步，比较验证损失，打印排名。"""
     results = []
-    for lr, warmup, wd, drop, batch in SWEEP_GRID[:args.sweep_trials]:
-        trial = argparse.Namespace(**{**vars(args), "lr": lr, "warmup_steps": warmup,
-                                      "weight_decay": wd, "drop_rate": drop, "batch_size": batch,
-                                      "max_steps": args.sweep_steps})
+    for lr, warmup, wd, drop, batch in SWEEP_GRID[:s.sweep_trials]:
+        trial = argparse.Namespace(**{**vars(s), "lr": lr, "warmup_steps": warmup,
+                                      "weight_decay": wd, "batch_size": batch,
+                                      "max_steps": s.sweep_steps})
         # 每组都从同一个初始化、同一串批次出发：差异只来自被改动的超参数
-        torch.manual_seed(args.seed)
-        model = GPTModel(model_config(trial, enc.n_vocab)).to(device)
-        optimizer = make_optimizer(model, lr, wd, args.optimizer)
-        state = {"step": 0, "tokens_seen": 0, "history": [],
-                 "data_gen": torch.Generator().manual_seed(args.seed)}
+        torch.manual_seed(s.seed)
+        model = GPTModel(dict(base.model.cfg, drop_rate=drop)).to(base.device)
+        state = replace(base, model=model, optimizer=make_optimizer(model, lr, wd, s.optimizer),
+                        data_gen=torch.Generator().manual_seed(s.seed), history=[])
         t0 = time.perf_counter()
         for _ in range(trial.max_steps):
             # 搜索只看最终验证损失：不存检查点、不采样，省下时间多试几组
-            train_step(model, optimizer, splits, state, trial, device, autocast)
-        # 用同一套评估设置（args 的批次大小）给每组打分，排名才公平
-        val = evaluate(model, splits, args, device, autocast)["val"]
+            train_step(state, trial, model)
+        # 用同一套评估设置（s 的批次大小）给每组打分，排名才公平
+        val = evaluate(state, s)["val"]
         results.append((val, lr, warmup, wd, drop, batch, time.perf_counter() - t0))
         print(f"  试验 {len(results)}: lr={lr:g} warmup={warmup} wd={wd} dropout={drop} "
               f"batch={batch} → 验证损失 {val:.3f}", flush=True)
@@ -611,265 +977,93 @@ def run_sweep(args, enc, splits, device, autocast):
     return sorted(results)
 
 
-# ===== 9. 交互式生成（--interactive） =====
+# —— 交互式生成（--interactive） ——
+# 每个设置的合理范围：温度 0 = 贪心；none 表示关掉 top-k / top-p
+CHAT_LIMITS = {"temp": (0, 10), "topk": (1, 10**6), "topp": (0.01, 1), "rep": (1, 10),
+               "tokens": (1, 10_000)}
 
-def interactive(model, enc, device, context_length):
-    """在终端里和模型对话式地续写。以冒号开头的行是设置，比如 :temp 0.8、:topk 40、:topp 0.9。"""
-    # 温度 0.8 + top-k 40：比贪心多样，又不至于抽到概率极低的怪词；可以随时改了再试
-    settings = {"temp": 0.8, "topk": 40, "topp": None, "tokens": 80}
-    print("输入开头文字，回车生成；:temp/:topk/:topp/:tokens 数值 调整采样；:quit 退出。")
+
+def change_setting(settings, line):
+    """处理 ":topk 40" 这样的一行；返回要打印的提示（出错时），成功时返回 None。"""
+    key, _, value = line[1:].partition(" ")
+    if key not in CHAT_LIMITS:
+        return f"未知设置 {key}，可用：{', '.join(CHAT_LIMITS)}"
+    if value.strip() == "none" and key in ("topk", "topp"):
+        settings[key] = None
+        return None
+    try:
+        number = float(value)
+        check_range(f":{key}", number, *CHAT_LIMITS[key])
+    except ValueError:
+        return f"{value!r} 不是数字"
+    except UserError as err:
+        return str(err)
+    settings[key] = int(number) if key in ("topk", "tokens") else number
+    return None
+
+
+def interactive(s):
+    """不训练：载入 out-dir 的检查点（或 --init 的权重），在终端里续写。
+    以冒号开头的行是设置，比如 :temp 0.8、:topk 40、:topp 0.9、:rep 1.3、:tokens 80。"""
+    device = resolve_device(s.device)
+    init = str(Path(s.out_dir) / "ckpt.pt") if s.init == "random" else s.init
+    model, enc, cfg = load_init(init, device)
+    window = window_for(s, cfg)
+    # 温度 0.8 + top-k 40：比贪心多样，又不至于抽到概率极低的怪词；rep（重复惩罚）压低已出现过的词，
+    # 免得小模型在贪心（:temp 0）时陷进"““““"那样的循环；都可以随时改了再试
+    settings = {"temp": 0.8, "topk": 40, "topp": None, "rep": s.repetition_penalty, "tokens": 80}
+    print(f"输入开头文字，回车生成；:{'/:'.join(settings)} 数值 调整采样；:quit 退出。")
     model.eval()
     while True:
         try:
-            line = input(f"[temp={settings['temp']} topk={settings['topk']} "
-                         f"topp={settings['topp']}] > ")
+            line = input(" ".join(f"{k}={v}" for k, v in settings.items() if k != "tokens") + " > ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
         if line.strip() in (":quit", ":q"):
             return
         if line.startswith(":"):
-            key, _, value = line[1:].partition(" ")
-            if key not in settings:
-                print(f"未知设置 {key}，可用：{', '.join(settings)}")
-                continue
-            try:
-                settings[key] = None if value.strip() in ("", "none") else (
-                    int(value) if key in ("topk", "tokens") else float(value))
-            except ValueError:
-                print(f"{value!r} 不是数字")
+            message = change_setting(settings, line)
+            if message:
+                print(message)
             continue
-        # 太长的输入只保留最后 context_length 个 token：模型看不见更早的内容
-        ids = enc.encode(line or "\n", allowed_special="all")[-context_length:]
-        idx = torch.tensor([ids], device=device)
+        ids = enc.encode(line or "\n", allowed_special="all")
+        if len(ids) > window:  # 模型看不见更早的内容：只保留最后 window 个 token，并说一声
+            print(f"（输入有 {len(ids)} 个 token，超过上下文 {window}，只用最后 {window} 个）")
+            ids = ids[-window:]
         real_vocab = lambda x: model(x)[..., :enc.n_vocab]
-        out = generate(real_vocab, idx, settings["tokens"], context_length,
-                       temperature=settings["temp"], top_k=settings["topk"],
-                       top_p=settings["topp"], eos_id=enc.eot_token)
+        out = generate(real_vocab, torch.tensor([ids], device=device), settings["tokens"], window,
+                       temperature=settings["temp"], top_k=settings["topk"], top_p=settings["topp"],
+                       eos_id=enc.eot_token, repetition_penalty=settings["rep"])
         print(line + enc.decode(out[0, len(ids):].tolist()))
 
-
-# ===== 10. 组装：命令行 → 数据、模型、优化器 → 训练 =====
-
-def build_parser():
-    p = argparse.ArgumentParser(description="在无标注文本上预训练 GPT（默认：data/ 语料 + 项目分词器）")
-    p.add_argument("--data", default=str(DATA_DIR / "corpus"),
-                   help="语料：一个文本文件，或递归查找 .txt 的目录（默认 data/corpus）")
-    p.add_argument("--model", default="mini", choices=list(MODEL_SIZES),
-                   help="模型尺寸：tiny/mini（CPU）或 GPT-2 的四个尺寸（默认 mini）")
-    p.add_argument("--init", default="random",
-                   help="random=随机初始化；gpt2/gpt2-medium/…=从真实 GPT-2 权重继续预训练"
-                        "（改用 GPT-2 分词器）；也可以是含 config.json 与 *.safetensors 的目录")
-    for flag, text in (("--n-layers", "层数"), ("--n-heads", "注意力头数"),
-                       ("--emb-dim", "嵌入维度")):
-        p.add_argument(flag, type=int, help=f"覆盖 --model 的{text}")
-    p.add_argument("--context-length", type=int, help="上下文长度（训练窗口的 token 数）")
-    p.add_argument("--drop-rate", type=float, default=0.0,
-                   help="dropout 概率（默认 0：几分钟的短训练里它只拖慢速度，数据多、训练久时再开）")
-    p.add_argument("--batch-size", type=int, default=16, help="每个小批次的序列数（默认 16）")
-    p.add_argument("--grad-accum", type=int, default=1, help="梯度累积的小批次数（默认 1）")
-    p.add_argument("--max-steps", type=int, default=350, help="参数更新总步数（默认 350）")
-    p.add_argument("--lr", type=float, default=1e-3, help="峰值学习率（默认 1e-3）")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="余弦退火的终点 = lr × 此比例")
-    p.add_argument("--warmup-steps", type=int, default=30, help="线性预热步数（默认 30）")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW 权重衰减（默认 0.1）")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="梯度范数裁剪阈值（默认 1.0）")
-    p.add_argument("--eval-every", type=int, default=70, help="每多少步评估、采样、存检查点（默认 70）")
-    p.add_argument("--eval-iters", type=int, default=8, help="每次评估平均多少个批次（默认 8）")
-    p.add_argument("--log-every", type=int, default=20, help="每多少步打印一行进度")
-    p.add_argument("--prompt", default="从前有一个", help="评估时用来采样的固定开头")
-    p.add_argument("--out-dir", default="runs/pretrain", help="检查点、CSV、损失曲线的目录")
-    p.add_argument("--resume", action="store_true", help="从 out-dir/ckpt.pt 精确地接着训练")
-    p.add_argument("--stop-at", type=int, help="训练到第 N 步就存检查点并退出（模拟中断）")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto：实测 bf16 自动混合精度更快才用（默认）")
-    p.add_argument("--compile", action="store_true", help="用 torch.compile 编译模型")
-    p.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "loop"],
-                   help="AdamW 的实现：fused 最快（默认）")
-    p.add_argument("--no-sdpa", action="store_true", help="关掉 SDPA，用手写注意力（对比速度）")
-    p.add_argument("--no-pad-vocab", action="store_true", help="不把词表补齐到 64 的倍数")
-    p.add_argument("--sweep", action="store_true", help="超参数搜索：每组训练 --sweep-steps 步并排名")
-    p.add_argument("--sweep-steps", type=int, default=60, help="搜索时每组的步数（默认 60）")
-    p.add_argument("--sweep-trials", type=int, default=len(SWEEP_GRID), help="搜索多少组")
-    p.add_argument("--interactive", action="store_true",
-                   help="不训练：载入 out-dir 的检查点（或 --init 的权重）在终端里交互生成")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="计算设备，auto = cuda > mps > cpu")
-    p.add_argument("--seed", type=int, default=123, help="随机种子（CPU 上完全可复现）")
-    p.add_argument("--quick", action="store_true", help="冒烟测试：tiny 模型、几十步，半分钟内跑完")
-    return p
-
-
-def apply_quick(args):
-    """--quick：tiny 模型、少量步数，用于测试和第一次试跑。"""
-    args.model = "tiny"
-    quick = {"max_steps": 40, "eval_every": 20, "eval_iters": 2, "warmup_steps": 5, "lr": 3e-3,
-             "log_every": 10, "batch_size": 8, "sweep_steps": 5, "sweep_trials": 2}
-    for key, value in quick.items():
-        if getattr(args, key) == build_parser().get_default(key):
-            setattr(args, key, value)
-
-
-def check_args(args):
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_iters", "log_every"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} 必须是正整数")
-    if args.lr <= 0:
-        raise UserError("--lr 必须大于 0")
-    # 因果掩码是 上下文长度² 个布尔值：16384 时已占 256 MB，再大就先把内存耗尽了
-    if args.context_length is not None and not 2 <= args.context_length <= 16384:
-        raise UserError(f"--context-length {args.context_length} 不合理：应在 2 到 16384 之间")
-
-
-def setup_model_and_tokenizer(args, device):
-    """返回 (model, enc, tok_record, ckpt 或 None)。"""
-    out_dir = Path(args.out_dir)
-    # 三种起点：续训（或交互生成）用检查点；--init 用 GPT-2 权重；否则随机初始化一个新模型
-    if args.resume or (args.interactive and args.init == "random"):
-        ckpt = load_checkpoint(out_dir / "ckpt.pt")
-        for key in ("n_layers", "n_heads", "emb_dim"):
-            wanted = getattr(args, key)
-            if wanted is not None and wanted != ckpt["config"][key]:
-                raise UserError(f"检查点与模型不匹配：检查点的 {key} = {ckpt['config'][key]}，"
-                                f"命令行要求 {wanted}")
-        enc = tokenizer_from_record(ckpt["tokenizer"])
-        return build_model_from_checkpoint(ckpt).to(device), enc, ckpt["tokenizer"], ckpt
-    if args.init != "random":
-        # 真实 GPT-2 的词表是 50257，只能配 GPT-2 自己的分词器；维度参数以它的 config.json 为准
-        model, _ = load_gpt2_hf(args.init)
-        # 载入的参数是内存映射、只读的视图：训练要原地更新，先复制成普通张量（共享的参数只复制一次）
-        for param in model.parameters():
-            param.data = param.data.clone()
-        if not args.no_pad_vocab:
-            pad_vocab(model)
-        enc = get_gpt2_tokenizer()
-        return model.to(device), enc, tokenizer_record(enc, "gpt2"), None
-    enc = load_project_tokenizer()
-    torch.manual_seed(args.seed)
-    model = GPTModel(model_config(args, enc.n_vocab)).to(device)
-    return model, enc, tokenizer_record(enc, "project"), None
-
-
-def run(args):
-    if args.quick:
-        apply_quick(args)
-    check_args(args)
-    device = resolve_device(args.device)
-    model, enc, tok_record, ckpt = setup_model_and_tokenizer(args, device)
-    if ckpt is not None:
-        restore_run_args(args, ckpt["args"])
-    # 续训时，命令行没给的训练设置（批次、上下文长度……）沿用检查点里的
-    if args.context_length is None:  # 默认用满模型的上下文长度
-        args.context_length = model.cfg["context_length"]
-    if args.context_length > model.cfg["context_length"]:
-        raise UserError(f"--context-length {args.context_length} 超过模型支持的 "
-                        f"{model.cfg['context_length']}")
-    if args.interactive:
-        return interactive(model, enc, device, args.context_length)
-    train_tokens, val_tokens = load_corpus(args.data, enc, enc.name, args.context_length)
-    splits = {"train": train_tokens, "val": val_tokens}
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"模型：{model.cfg['n_layers']} 层，宽 {model.cfg['emb_dim']}，{model.cfg['n_heads']} 头，"
-          f"上下文 {args.context_length}，词表 {model.cfg['vocab_size']}（分词器 {enc.name}，"
-          f"{enc.n_vocab} 个 token），参数 {n_params / 1e6:.2f}M；训练集 {len(train_tokens):,} token，"
-          f"验证集 {len(val_tokens):,} token；设备 {device}")
-    # 一个探测批次：只用来给 --dtype auto 测速，取自独立的生成器，不影响训练取数
-    probe = get_batch(train_tokens, args.batch_size, args.context_length,
-                      torch.Generator().manual_seed(0), device)
-    with torch.random.fork_rng(devices=[]):  # 测速用的随机矩阵不能消耗训练的随机数
-        dtype = choose_dtype(args.dtype, model, *probe, device)
-        peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        peak, size = measure_matmul_peak(device, peak_dtype)
-    autocast = make_autocast(device, dtype)
-    # 超参数搜索到此为止：它自己为每组超参数新建模型，不动上面这个模型
-    if args.sweep:
-        return run_sweep(args, enc, splits, device, autocast)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.optimizer)
-    state = {"step": 0, "tokens_seen": 0, "history": [],
-             "data_gen": torch.Generator().manual_seed(args.seed)}
-    # 优化器里存着每个参数的一阶/二阶矩：续训必须一并恢复，否则相当于重新开始预热
-    if ckpt is not None:
-        resume_from(ckpt, optimizer, state, args)
-    print(f"本机实测 {dtype} 矩阵乘法峰值：{peak / 1e9:,.1f} GFLOP/s（{size}×{size} 矩阵乘，取最快一次），"
-          "用作 MFU 的分母")
-    reason = train(model, optimizer, splits, enc, state, args, device, autocast, tok_record)
-    finish(model, enc, state, args, device, peak, reason)
-
-
-RESUMED_ARGS = ("context_length", "batch_size", "grad_accum", "max_steps", "eval_every",
-                "eval_iters", "log_every", "grad_clip", "prompt", "optimizer")
-
-
-def restore_run_args(args, saved):
-    """续训时沿用检查点里的训练设置（批次、上下文、总步数……），命令行显式给出的除外：
-    于是 --quick 训练后，单独一个 --resume 也能原样接上。"""
-    defaults = build_parser().parse_args([])
-    for key in RESUMED_ARGS:
-        if key in saved and getattr(args, key) == getattr(defaults, key):
-            setattr(args, key, saved[key])
-
-
-def resume_from(ckpt, optimizer, state, args):
-    """恢复优化器、步数、数据位置与随机数状态：接下来的每一步与不中断时逐位相同。"""
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as err:
-        raise UserError(f"检查点的优化器状态与模型不匹配：{err}") from None
-    state.update(step=ckpt["step"], tokens_seen=ckpt["tokens_seen"],
-                 history=[list(row) for row in ckpt["history"]])
-    state["data_gen"].set_state(ckpt["rng"]["data"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    for key, value in ckpt["schedule"].items():
-        if key != "max_steps":  # 学习率计划沿用检查点的；只有总步数允许在续训时改大
-            setattr(args, key, value)
-    print(f"从第 {state['step']} 步继续（已见 {state['tokens_seen']:,} token）")
-
-
-def finish(model, enc, state, args, device, peak, reason):
-    out_dir = Path(args.out_dir)
-    if reason == "interrupted":
-        print(f"已保存检查点 {out_dir / 'ckpt.pt'}；用 --resume 从第 {state['step']} 步继续。")
-        sys.exit(130)
-    if reason == "stop_at":
-        print(f"按 --stop-at 在第 {state['step']} 步停下，检查点已保存；用 --resume 继续。")
-        return
-    plot_history(out_dir, state["history"])
-    # 速度只按训练步计时（不含评估、采样、存盘），所以与其他训练脚本的 token/s 可以直接比较
-    if "tokens_per_s" in state:
-        mfu = state["mfu_flops"] / peak
-        print(f"速度：{state['tokens_per_s']:,.0f} token/s，模型算力 {state['mfu_flops'] / 1e9:.1f} "
-              f"GFLOP/s = 实测峰值的 {100 * mfu:.0f}%（MFU）")
-    print(f"检查点：{out_dir / 'ckpt.pt'}   损失历史：{out_dir / 'history.csv'}")
-    print("最终样本：")
-    # 三个不同的开头：看看模型是不是只会接一种话；英文开头检验它从那 4 篇英文随笔里学到了多少
-    for prompt in (args.prompt, "今天", "The"):
-        print(f"  {prompt}{sample_text(model, enc, prompt, args, device, 60)}")
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        print(f"错误：{err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # 训练循环之外（切词、评估、交互）按 Ctrl-C：安静退出，已存的文件不受影响
-        print("\n已中断。", file=sys.stderr)
-        sys.exit(130)
 
 
 # ===== 附录：前几章的部件（逐字复制，读过前几章可以跳过）=====
 # 放在文件末尾，是为了让本章从第 1 节就开始讲预训练；Python 在调用时才查找这些名字，
 # 所以定义写在后面也没关系。
 
-# 来自 01_tokenizer.py：错误类型与分词器
+# 来自 01_tokenizer.py：错误类型、命令行工具与分词器
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 class UserError(Exception):
     """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse 自带的报错是英文、还先打印一大段用法；改成一行中文，同样以状态码 2 退出。"""
+
+    def error(self, message):
+        print(f"错误：命令行参数有误（{message}）；用 --help 查看用法", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_range(flag, value, low, high):
+    """数值参数的范围检查：负数、零、NaN、无穷、大得离谱，都在开工之前用一行中文拒绝。"""
+    # math.isfinite 挡住 nan/inf：nan 与任何数比较都是 False，只写 low <= value 会让它溜过去
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{flag} 应在 {low} 到 {high} 之间，收到 {value}")
 
 
 # GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
@@ -1088,7 +1282,7 @@ def penalize_repeats(logits, idx, penalty):
     return logits
 
 
-# 来自 03_gpt.py：设备与计时工具
+# 来自 01/02/03：设备、计时与空闲内存
 def resolve_device(name):
     """auto 按 cuda > mps > cpu 选；显式要求的设备不可用时给出中文错误。"""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -1104,6 +1298,20 @@ def resolve_device(name):
 def sync(device):
     if device.type != "cpu":  # GPU 的运算是异步排队的：计时前后都要等它真正算完
         getattr(torch, device.type).synchronize()
+
+
+def free_memory_bytes(device):
+    """device 上此刻还能用多少字节；查不到（比如非 Linux 的 CPU）就返回 None，不拦。"""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux：MemAvailable = 不挤掉其他程序就能拿到的内存（含可回收的文件缓存）
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # 单位是 kB
+    except OSError:
+        pass
+    return None
 
 
 def time_matmul(device, dtype, n, reps):

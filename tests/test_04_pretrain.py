@@ -1,5 +1,7 @@
-"""04_pretrain.py：端到端快跑、损失下降、检查点、逐位续训、token 缓存、学习率曲线、坏输入。"""
+"""04_pretrain.py：端到端快跑、损失下降、检查点、逐位续训、load_init 的三种起点、token 缓存、
+学习率曲线、精度选择、坏输入（每个数值参数都试过离谱的值）。"""
 import csv
+import io
 import math
 import os
 import signal
@@ -15,11 +17,30 @@ from conftest import ROOT, copy_standalone, load_script, run_standalone, skip_or
 
 SCRIPT = "04_pretrain.py"
 FAST = ["--quick", "--dtype", "fp32"]  # 固定 fp32：不让"自动选精度"的计时影响可复现性
+# 2 核机器上同时跑着别的进程时，tiny 模型用 2 个线程反而慢 3 倍（线程互相等）；正确性与线程数无关
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def mod():
     return load_script(SCRIPT)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """只跑一次默认的 --quick（精度由 auto 决定），供下面几个测试共用：返回 (目录, 结果)。"""
+    folder = tmp_path_factory.mktemp("quick")
+    result = run_standalone(SCRIPT, ["--quick", "--out-dir", "out"], folder, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    return folder, result
 
 
 def read_history(path):
@@ -34,17 +55,69 @@ def write_corpus(folder, texts):
     return folder
 
 
-def test_quick_run_standalone_trains_and_writes_outputs(tmp_path):
-    result = run_standalone(SCRIPT, FAST + ["--out-dir", "out"], tmp_path)
-    assert result.returncode == 0, result.stderr
+def run_in_process(mod, args, monkeypatch, tmp_path, capsys, stdin=None):
+    """在进程内调用 main()（省去每次启动 Python、导入 torch 的几秒）；返回 (退出码, stdout, stderr)。"""
+    monkeypatch.setattr(mod, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    try:
+        mod.main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quick_run_standalone_trains_and_writes_outputs(quick_run):
+    folder, result = quick_run
     assert "token/s" in result.stdout and "MFU" in result.stdout
-    rows = read_history(tmp_path / "out" / "history.csv")
-    assert [int(r["step"]) for r in rows] == list(range(0, 41))
+    rows = read_history(folder / "out" / "history.csv")
+    assert [int(r["step"]) for r in rows] == list(range(0, 41))  # --quick 是 40 步
     # 损失下降：第 0 步（训练前）的验证损失 ≈ ln(词表大小)，训练 40 步后应明显更低
     first, last = float(rows[0]["eval_val_loss"]), float(rows[-1]["eval_val_loss"])
     assert first == pytest.approx(math.log(6144), abs=0.3)
     assert last < first - 0.5
-    assert (tmp_path / "out" / "ckpt.pt").is_file()
+    # 检查点记下 auto 实际选定的精度，与打印出来的一致
+    ckpt = torch.load(folder / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["dtype"] in ("fp32", "bf16") and f"精度 {ckpt['dtype']}" in result.stdout
+
+
+def test_load_init_checkpoint_reproduces_the_runs_final_validation_loss(mod, quick_run,
+                                                                        monkeypatch, tmp_path):
+    """load_init(检查点)：模型与分词器就是那次训练结束时的；用同样的评估批次算出的验证损失
+    必须与 history.csv 最后一行逐位相同（参照来自另一个进程写下的数）。"""
+    folder, _ = quick_run
+    model, tok, cfg = mod.load_init(str(folder / "out" / "ckpt.pt"), "cpu")
+    assert cfg == model.cfg and cfg["n_layers"] == 2 and cfg["emb_dim"] == 64
+    project = mod.load_project_tokenizer()
+    text = "从前有一座山。The end<|endoftext|>"
+    assert tok.encode(text, allowed_special="all") == project.encode(text, allowed_special="all")
+    monkeypatch.setattr(mod, "CACHE_DIR", tmp_path / "cache")
+    train, val = mod.load_corpus(ROOT / "data" / "corpus", tok, 64)
+    state = mod.RunState(model, None, tok, {"val": val}, torch.device("cpu"), "fp32", 64, None)
+    settings = mod.make_settings(mod.build_parser().parse_args(["--quick"]))
+    # 那次训练用的是 auto 选出的精度；这台机器上它是 fp32 时才能逐位比较
+    expected = float(read_history(folder / "out" / "history.csv")[-1]["eval_val_loss"])
+    if torch.load(folder / "out" / "ckpt.pt", weights_only=True)["dtype"] == "fp32":
+        assert mod.evaluate(state, settings)["val"] == expected
+    else:
+        assert mod.evaluate(state, settings)["val"] == pytest.approx(expected, abs=0.05)
+
+
+def test_load_init_random_matches_a_model_built_by_hand(mod):
+    torch.manual_seed(7)
+    model, tok, cfg = mod.load_init("random", "cpu", config="tiny")
+    torch.manual_seed(7)
+    ref = mod.GPTModel(dict(mod.MODEL_SIZES["tiny"], vocab_size=6144, drop_rate=0.0,
+                            qkv_bias=False, use_sdpa=True))
+    x = torch.randint(0, 6144, (2, 16))
+    assert torch.equal(model.eval()(x), ref.eval()(x))
+    assert cfg["vocab_size"] == tok.n_vocab == 6144 and tok.name == "nfl-bpe-6144"
+    # 默认的起点就是本章的 mini 模型
+    torch.manual_seed(7)
+    assert mod.load_init("random", "cpu")[2]["emb_dim"] == mod.MODEL_SIZES["mini"]["emb_dim"]
 
 
 def test_resume_reproduces_uninterrupted_losses_exactly(mod, tmp_path, monkeypatch, capsys):
@@ -62,39 +135,82 @@ def test_resume_reproduces_uninterrupted_losses_exactly(mod, tmp_path, monkeypat
     assert got == expected
 
 
+def test_resume_alone_reuses_the_checkpoint_settings_and_dtype(mod, tmp_path, monkeypatch,
+                                                               capsys):
+    prompt = "很久很久以前，在一座开满桃花的小山脚下，住着一位会讲故事的老爷爷"
+    first = ["--quick", "--dtype", "bf16", "--max-steps", "4", "--stop-at", "2", "--out-dir", "o",
+             "--prompt", prompt]
+    code, out, err = run_in_process(mod, first, monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    # 长提示词在每行评估输出里只显示结尾，不整段重复
+    assert prompt not in out and f"样本：…{prompt[-24:]}" in out
+    # 只给 --resume：tiny 模型的上下文 64、批次 8、总步数 4、bf16 精度都从检查点里恢复
+    code, out, err = run_in_process(mod, ["--resume", "--out-dir", "o"], monkeypatch, tmp_path,
+                                    capsys)
+    assert code == 0, err
+    assert "上下文 64" in out and "步     4/4" in out and "精度 bf16" in out
+    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["dtype"] == "bf16" and ckpt["settings"]["prompt"] == prompt
+
+
+def test_auto_dtype_wants_a_clear_margin_before_choosing_bf16(mod, monkeypatch, capsys):
+    """auto 只在 bf16 快 1.3 倍以上时才选它；差不多快（计时噪声的范围）时留在 fp32。
+    粗测（一小段）时 bf16 就慢一倍以上的（没有原生 bf16 的 CPU），不再用整批细测。"""
+    model = mod.GPTModel(dict(mod.model_config("tiny"), vocab_size=64))
+    x = torch.randint(0, 64, (4, 64))
+    for rough, full, expected in (((10, 10), (26, 22), "fp32"), ((10, 10), (27, 20), "bf16"),
+                                  ((10, 10), (22, 26), "fp32"), ((10, 25), None, "fp32")):
+        calls = []
+
+        def fake_times(m, a, b, rounds):
+            calls.append((tuple(a.shape), rounds))
+            ms = rough if a.shape == (1, 32) else full
+            return {"fp32": ms[0] / 1000, "bf16": ms[1] / 1000}
+
+        monkeypatch.setattr(mod, "time_train_steps", fake_times)
+        assert mod.choose_dtype("auto", model, x, x) == expected
+        assert calls == [((1, 32), 3)] + ([] if full is None else [((4, 64), 3)])
+    assert mod.choose_dtype("bf16", model, x, x) == "bf16"  # 显式指定的不测
+    capsys.readouterr()
+
+
+def test_timing_both_dtypes_leaves_no_gradients(mod):
+    model = mod.GPTModel(dict(mod.model_config("tiny"), vocab_size=64))
+    x = torch.randint(0, 64, (2, 16))
+    best = mod.time_train_steps(model, x, x, rounds=2)
+    assert set(best) == {"fp32", "bf16"} and all(0 < t < 60 for t in best.values())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def make_run(mod, tmp_path, steps=3):
-    """在进程内搭一个极小的训练：返回 (model, optimizer, state, args, splits)。"""
-    args = mod.build_parser().parse_args(FAST + ["--out-dir", str(tmp_path)])
-    mod.apply_quick(args)
-    args.context_length = 16
+    """在进程内搭一个极小的训练：返回 (state, settings)。"""
+    s = mod.make_settings(mod.build_parser().parse_args(FAST + ["--out-dir", str(tmp_path)]))
     torch.manual_seed(0)
-    model = mod.GPTModel(mod.model_config(args, 300))
-    optimizer = mod.make_optimizer(model, args.lr, args.weight_decay, "fused")
+    model = mod.GPTModel(dict(mod.model_config("tiny", context_length=16), vocab_size=300))
     tokens = np.random.default_rng(0).integers(0, 300, 2000).astype(np.uint16)
-    splits = {"train": tokens[:1800], "val": tokens[1800:]}
-    state = {"step": 0, "tokens_seen": 0, "history": [],
-             "data_gen": torch.Generator().manual_seed(0)}
-    autocast = mod.make_autocast(torch.device("cpu"), "fp32")
+    state = mod.RunState(model, mod.make_optimizer(model, s.lr, s.weight_decay, "fused"),
+                         mod.load_project_tokenizer(),
+                         {"train": tokens[:1800], "val": tokens[1800:]}, torch.device("cpu"),
+                         "fp32", 16, torch.Generator().manual_seed(0))
     for _ in range(steps):
-        mod.train_step(model, optimizer, splits, state, args, torch.device("cpu"), autocast)
-    return model, optimizer, state, args, splits
+        mod.train_step(state, s, state.model)
+    return state, s
 
 
 def test_checkpoint_loads_into_fresh_model_with_identical_logits(mod, tmp_path):
-    model, optimizer, state, args, _ = make_run(mod, tmp_path)
+    state, s = make_run(mod, tmp_path)
     path = tmp_path / "ckpt.pt"
-    mod.save_checkpoint(path, mod.checkpoint_state(model, optimizer, state, args, {"kind": "x"}))
-    fresh = mod.build_model_from_checkpoint(mod.load_checkpoint(path))
+    mod.save_checkpoint(path, mod.checkpoint_state(state, s))
+    fresh, _, cfg = mod.load_init(str(path), "cpu")
+    assert cfg["vocab_size"] == 300 and state.step == 3
     x = torch.randint(0, 300, (2, 16))
-    model.eval()
-    fresh.eval()
-    assert torch.equal(model(x), fresh(x))
+    assert torch.equal(state.model.eval()(x), fresh.eval()(x))
 
 
 def test_interrupted_checkpoint_write_keeps_previous_checkpoint(mod, tmp_path, monkeypatch):
-    model, optimizer, state, args, _ = make_run(mod, tmp_path)
+    state, s = make_run(mod, tmp_path)
     path = tmp_path / "ckpt.pt"
-    mod.save_checkpoint(path, mod.checkpoint_state(model, optimizer, state, args, {"kind": "x"}))
+    mod.save_checkpoint(path, mod.checkpoint_state(state, s))
     before = path.read_bytes()
 
     def dying_save(obj, fh):  # 写到一半进程"死掉"
@@ -108,6 +224,15 @@ def test_interrupted_checkpoint_write_keeps_previous_checkpoint(mod, tmp_path, m
     assert mod.load_checkpoint(path)["step"] == 3
 
 
+def test_history_rows_are_dicts_written_by_key(mod, tmp_path):
+    rows = [{"step": 0, "tokens_seen": 0, "lr": 0.0, "eval_train_loss": 8.5, "eval_val_loss": 8.6},
+            {"step": 1, "tokens_seen": 512, "lr": 1e-3, "train_loss": 8.4}]
+    mod.write_history(tmp_path, rows)
+    lines = (tmp_path / "history.csv").read_text(encoding="utf-8").splitlines()
+    assert lines == ["step,tokens_seen,lr,train_loss,eval_train_loss,eval_val_loss",
+                     "0,0,0.0,,8.5,8.6", "1,512,0.001,8.4,,"]
+
+
 def test_token_cache_matches_tiktoken_and_is_built_once(mod, tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "CACHE_DIR", tmp_path / "cache")
     docs = [f"第 {i} 篇：今天天气很好，我们去公园散步。Hello {i}!\n" * 3 for i in range(12)]
@@ -116,8 +241,8 @@ def test_token_cache_matches_tiktoken_and_is_built_once(mod, tmp_path, monkeypat
     calls = []
     real_build = mod.build_token_cache
     monkeypatch.setattr(mod, "build_token_cache", lambda *a: calls.append(1) or real_build(*a))
-    train, val = mod.load_corpus(corpus, enc, enc.name, 8)
-    train2, val2 = mod.load_corpus(corpus, enc, enc.name, 8)
+    train, val = mod.load_corpus(corpus, enc, 8)
+    train2, val2 = mod.load_corpus(corpus, enc, 8)
     assert len(calls) == 1, "第二次应当直接复用缓存"
     # 参照：每个文档前一个 <|endoftext|>，第 10 个文档（下标 9）进验证集
     ref = [[enc.eot_token] + enc.encode_ordinary(d) for d in docs]
@@ -181,12 +306,51 @@ def test_sdpa_and_manual_attention_give_same_logits(mod):
     assert torch.allclose(fast(x), slow(x), atol=1e-5)
 
 
+TRAINING_PEAK_PROBE = r"""
+import importlib.util, re, sys, torch
+spec = importlib.util.spec_from_file_location("m04", sys.argv[1])
+m = importlib.util.module_from_spec(spec)
+sys.modules["m04"] = m
+spec.loader.exec_module(m)
+status = lambda key: int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+before = status("VmRSS") * 1024
+model = m.GPTModel(dict(m.model_config("tiny"), vocab_size=6144))
+optimizer = m.make_optimizer(model, 1e-3, 0.1, "fused")
+x = torch.randint(0, 6144, (64, 64))
+m.calc_loss_batch(model, x, x).backward()
+optimizer.step()
+print(status("VmHWM") * 1024 - before, m.training_bytes(model.cfg, 64, 64))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="需要 Linux 的 /proc 读峰值内存")
+def test_training_memory_estimate_covers_the_measured_peak():
+    """拒绝之前的内存估算要宁多勿少，但也不能离谱：tiny 模型、批次 64 训练一步，
+    实测峰值内存的增量在估算之内，且不到估算的一半就说明估算太松。"""
+    result = subprocess.run([sys.executable, "-c", TRAINING_PEAK_PROBE, str(ROOT / SCRIPT)],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, **ONE_THREAD))
+    assert result.returncode == 0, result.stderr
+    peak, estimate = map(int, result.stdout.split())
+    assert 0.5 * estimate < peak <= estimate, (peak, estimate)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_param_count_from_the_config_matches_the_built_model(mod, qkv_bias):
+    for size in ("tiny", "mini"):
+        cfg = dict(mod.model_config(size), vocab_size=1000 + len(size), qkv_bias=qkv_bias)
+        model = mod.GPTModel(cfg)
+        assert mod.param_count(cfg) == sum(p.numel() for p in model.parameters())
+        masks = sum(b.numel() for b in model.buffers())
+        assert mod.model_bytes(cfg) == 4 * mod.param_count(cfg) + masks
+
+
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     copy_standalone(SCRIPT, tmp_path)
     cmd = [sys.executable, SCRIPT, *FAST, "--max-steps", "100000", "--log-every", "1",
            "--out-dir", "out"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD))
     for line in proc.stdout:  # 等它真正开始训练，再按"Ctrl-C"
         if line.startswith("步"):
             break
@@ -198,37 +362,55 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     assert ckpt["step"] >= 1 and len(ckpt["history"]) == ckpt["step"] + 1  # 含第 0 步的评估
 
 
-def test_sweep_and_interactive_modes(tmp_path):
-    sweep = run_standalone(SCRIPT, FAST + ["--sweep", "--sweep-steps", "3"], tmp_path)
-    assert sweep.returncode == 0, sweep.stderr
-    assert sweep.stdout.count("试验") == 2 and "排名" in sweep.stdout
-    train = subprocess.run([sys.executable, SCRIPT, *FAST, "--max-steps", "2", "--out-dir", "o"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert train.returncode == 0, train.stderr
-    chat = subprocess.run([sys.executable, SCRIPT, "--interactive", "--out-dir", "o"],
-                          cwd=tmp_path, input=":temp 0\n:tokens 5\n今天\n:quit\n",
-                          capture_output=True, text=True, timeout=120)
-    assert chat.returncode == 0, chat.stderr
-    assert "今天" in chat.stdout and "temp=0.0" in chat.stdout
+def test_sweep_and_interactive_modes(mod, tmp_path, monkeypatch, capsys):
+    code, out, err = run_in_process(mod, FAST + ["--sweep", "--sweep-steps", "3"], monkeypatch,
+                                    tmp_path, capsys)
+    assert code == 0, err
+    assert out.count("试验") == 2 and "排名" in out
+    code, _, err = run_in_process(mod, FAST + ["--max-steps", "2", "--out-dir", "o"],
+                                  monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    chat = ":temp 0\n:tokens 5\n:rep 0.5\n:topk none\n:rep 1.3\n今天\n:quit\n"
+    code, out, err = run_in_process(mod, ["--interactive", "--out-dir", "o"], monkeypatch,
+                                    tmp_path, capsys, stdin=chat)
+    assert code == 0, err
+    assert "今天" in out and "temp=0.0" in out and "rep=1.3" in out and "topk=None" in out
+    assert ":rep 应在 1 到 10 之间" in out  # 离谱的设置只打印一行说明，不退出
 
 
-def run_in_process(mod, args, monkeypatch, tmp_path, capsys):
-    """在进程内调用 main()（省去每次启动 Python、导入 torch 的几秒）；返回 (退出码, stdout, stderr)。"""
-    monkeypatch.setattr(mod, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.chdir(tmp_path)
-    try:
-        mod.main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+# 每个数值参数配几个离谱的值：负数、零、NaN、无穷、大得离谱，以及整数参数收到的小数
+ABSURD = ["-1", "nan", "inf", "99999999999"]
+NUMERIC_FLAGS = {
+    "--n-layers": ABSURD + ["0"], "--n-heads": ABSURD + ["0", "3"],  # 3 除不尽 64
+    "--emb-dim": ABSURD + ["0", "65"], "--context-length": ABSURD + ["0", "1", "100000"],
+    "--drop-rate": ABSURD + ["1.5", "1"], "--batch-size": ABSURD + ["0", "100000000"],
+    "--grad-accum": ABSURD + ["0"], "--max-steps": ABSURD + ["0", "2.5"],
+    "--lr": ABSURD + ["0", "5"], "--min-lr-ratio": ABSURD + ["1.5"],
+    "--warmup-steps": ABSURD + ["-5"], "--weight-decay": ABSURD + ["2"],
+    "--grad-clip": ABSURD + ["0"], "--eval-every": ABSURD + ["0"], "--eval-iters": ABSURD + ["0"],
+    "--log-every": ABSURD + ["0"], "--stop-at": ABSURD + ["0"],
+    "--repetition-penalty": ABSURD + ["0", "0.5"], "--sweep-steps": ABSURD + ["0"],
+    "--sweep-trials": ABSURD + ["0", "9"], "--seed": ABSURD + ["2.5"],
+}
+
+
+@pytest.mark.parametrize("flag", NUMERIC_FLAGS)
+def test_every_numeric_flag_refuses_absurd_values(mod, tmp_path, monkeypatch, capsys, flag):
+    for value in NUMERIC_FLAGS[flag]:
+        code, out, err = run_in_process(mod, ["--quick", flag, value, "--out-dir", "out"],
+                                        monkeypatch, tmp_path, capsys)
+        assert code == 2, (flag, value, out, err)
+        assert err.startswith("错误：") and err.count("\n") == 1, (flag, value, err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_txt", "not_utf8", "too_short",
-                                  "bad_ckpt", "ckpt_mismatch", "bad_init", "huge_context"])
+                                  "garbage_ckpt", "truncated_ckpt", "old_ckpt", "ckpt_mismatch",
+                                  "bad_init", "missing_init_ckpt", "long_prompt", "huge_batch",
+                                  "out_dir_is_file"])
 def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, capsys, case):
     args = FAST + ["--out-dir", "out"]
+    ckpt = tmp_path / "out" / "ckpt.pt"
     if case == "missing":
         args += ["--data", "nope.txt"]
     elif case == "empty":
@@ -244,9 +426,13 @@ def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, caps
     elif case == "too_short":
         (tmp_path / "c.txt").write_text("太短了。", encoding="utf-8")
         args += ["--data", "c.txt"]
-    elif case == "bad_ckpt":
-        (tmp_path / "out").mkdir()
-        (tmp_path / "out" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    elif case in ("garbage_ckpt", "truncated_ckpt", "old_ckpt"):
+        ckpt.parent.mkdir()
+        torch.save({"config": {}, "model": {}, "tokenizer": {}, "x": torch.zeros(5000)}, ckpt)
+        if case == "garbage_ckpt":
+            ckpt.write_bytes(b"not a checkpoint")
+        elif case == "truncated_ckpt":  # 写到一半断电的样子：zip 的目录还没写出来
+            ckpt.write_bytes(ckpt.read_bytes()[:10_000])
         args += ["--resume"]
     elif case == "ckpt_mismatch":
         code, _, err = run_in_process(mod, FAST + ["--max-steps", "1", "--out-dir", "out"],
@@ -255,57 +441,65 @@ def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, caps
         args += ["--resume", "--n-layers", "5"]
     elif case == "bad_init":
         args += ["--init", "gpt5"]
-    elif case == "huge_context":  # 否则会先分配 99999² 的掩码把内存耗尽
-        args += ["--context-length", "99999"]
+    elif case == "missing_init_ckpt":
+        args += ["--init", "runs/nope/ckpt.pt"]
+    elif case == "long_prompt":  # 2800 个字远超 tiny 的 64 个 token 上下文
+        args += ["--prompt", "从前有一座山，山里有一座庙。" * 200]
+    elif case == "huge_batch":  # 范围之内，但 logits 就要几百 GB：先估算、直接拒绝
+        args += ["--batch-size", "100000"]
+    elif case == "out_dir_is_file":
+        (tmp_path / "out").write_text("我是一个文件", encoding="utf-8")
     saved = {p: p.read_bytes() for p in (tmp_path / "out").glob("*")} \
         if (tmp_path / "out").is_dir() else {}
     code, _, err = run_in_process(mod, args, monkeypatch, tmp_path, capsys)
     assert code == 2, err
     assert err.startswith("错误：") and err.count("\n") == 1  # 只有一行中文说明
+    assert "zip" not in err and "archive" not in err  # 不夹带底层库的英文报错
     assert {p: p.read_bytes() for p in saved} == saved  # 已保存的东西一个字节都没变
+    if case == "out_dir_is_file":
+        assert (tmp_path / "out").read_text(encoding="utf-8") == "我是一个文件"
+    else:
+        assert set((tmp_path / "out").glob("*")) == set(saved)  # 也没有多写任何文件
 
 
 def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
-    result = run_standalone(SCRIPT, FAST + ["--data", "nope"], tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.startswith("错误：") and "Traceback" not in result.stderr
+    result = run_standalone(SCRIPT, ["--quick", "--drop-rate", "1.5"], tmp_path, env=ONE_THREAD)
+    assert result.returncode == 2 and result.stderr.startswith("错误：--drop-rate")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == "" and not (tmp_path / "runs").exists()
 
 
-def test_continue_pretraining_from_gpt2_layout_directory(tmp_path):
-    """--init 一个 transformers 写出的 GPT-2 目录：换用 GPT-2 分词器，词表补到 50304，能训练、能续训。"""
+def test_load_init_and_continue_pretraining_from_gpt2_layout_directory(mod, tmp_path,
+                                                                       monkeypatch, capsys):
+    """--init 一个 transformers 写出的 GPT-2 目录：load_init 的 logits 与 transformers 一致；
+    训练时换用 GPT-2 分词器，词表补到 50304，能训练、能续训。"""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         skip_or_fail("未安装 transformers")
     try:
-        load_script(SCRIPT).get_gpt2_tokenizer()
+        mod.get_gpt2_tokenizer()
     except Exception as err:
         skip_or_fail(f"没有 GPT-2 词表：{err}")
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
     hf.save_pretrained(tmp_path / "tiny-gpt2")
+    model, tok, cfg = mod.load_init(str(tmp_path / "tiny-gpt2"), "cpu")
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), hf(x).logits, atol=1e-4)
+    # "Hello world" 在 GPT-2 词表里是 [15496, 995]（公开的事实）；载入的模型不补齐词表
+    assert tok.encode("Hello world") == [15496, 995] and cfg["vocab_size"] == 50257
     args = FAST + ["--init", "tiny-gpt2", "--context-length", "32", "--max-steps", "4",
-                   "--eval-every", "2", "--out-dir", "out"]
-    result = run_standalone(SCRIPT, args, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "词表 50304" in result.stdout and "gpt2" in result.stdout
+                   "--eval-every", "2", "--out-dir", "out", "--prompt", "Hello"]
+    code, out, err = run_in_process(mod, args, monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    assert "词表 50304" in out and "gpt2" in out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"]["kind"] == "gpt2" and ckpt["config"]["vocab_size"] == 50304
     # 载入的起点就是 GPT-2 的权重：补齐前的那些行在训练 4 步后仍与原权重很接近
     wte = hf.transformer.wte.weight.detach()
     assert torch.allclose(ckpt["model"]["tok_emb.weight"][:50257], wte, atol=0.05)
-
-
-def test_resume_alone_reuses_the_checkpoint_settings(mod, tmp_path, monkeypatch, capsys):
-    first = FAST + ["--max-steps", "4", "--stop-at", "2", "--out-dir", "o"]
-    code, _, err = run_in_process(mod, first, monkeypatch, tmp_path, capsys)
-    assert code == 0, err
-    # 只给 --resume：tiny 模型的上下文 64、批次 8、总步数 4 都从检查点里恢复
-    code, out, err = run_in_process(mod, ["--resume", "--dtype", "fp32", "--out-dir", "o"],
-                                    monkeypatch, tmp_path, capsys)
-    assert code == 0, err
-    assert "上下文 64" in out and "步     4/4" in out
-    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 MEMORY_PROBE = r"""
