@@ -1103,7 +1103,8 @@ def load_project_tokenizer(path=DATA_DIR / "tokenizer.json"):
     """读取 01_tokenizer.py 训练并随项目发布的分词器，构造成 tiktoken.Encoding（Rust 实现，快）。"""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"找不到项目分词器 {path}：请先运行 python 01_tokenizer.py --train")
+        raise UserError(f"找不到项目分词器 {path}：它在随项目发布的 data/ 文件夹里，请把 data/ 放在"
+                        f"本脚本旁边；或用 python 01_tokenizer.py --train 重新训练")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
         ranks = {base64.b64decode(tok): rank for rank, tok in enumerate(spec["mergeable_ranks"])}
@@ -1239,7 +1240,7 @@ class GPTModel(nn.Module):
         positions = torch.arange(seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # (b, seq_len, emb_dim)
         x = self.final_norm(self.trf_blocks(x))
-        return self.out_head(x)  # (b, seq_len, vocab_size) 的 logits
+        return self.out_head(x)
 
 
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, top_p=None,
@@ -1331,16 +1332,18 @@ def time_matmul(device, dtype, n, reps):
 
 
 def measure_matmul_peak(device, dtype, seconds=0.05):
-    """本机矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
-    再挑单次约 seconds 秒的尺寸细测：太小的矩阵测不出峰值，太大的又太费时
+    """本机此刻矩阵乘实际能达到的算力（不抄厂商的纸面数字，现场测）。先用小矩阵粗测速度，
+    再挑单次约 seconds/2 秒的尺寸测 10 次、取最快：太小的矩阵测不出峰值，太大的又太费时
     （没有 bf16 硬件的 CPU 上，bf16 矩阵乘会慢几十倍）。"""
     n = 256
     for _ in range(2):  # 粗测两轮：GPU 上第一轮的小矩阵主要在测启动开销
-        rate = time_matmul(device, dtype, n, reps=3)
-        # 单次耗时 = 2n³ / rate，令它等于 seconds 反解出 n；
+        rate = time_matmul(device, dtype, n, reps=5)
+        # 单次耗时 = 2n³ / rate，令它等于 seconds/2 反解出 n；
         # 取 128 的倍数（对硬件的分块友好），并夹在 [256, 8192] 之间
-        n = min(max(int((rate * seconds / 2) ** (1 / 3)) // 128 * 128, 256), 8192)
-    return time_matmul(device, dtype, n, reps=5), n
+        n = min(max(int((rate * seconds / 4) ** (1 / 3)) // 128 * 128, 256), 8192)
+    # 多次短测量取最快，而不是一两次长测量：别的进程只会让某次变慢，机器繁忙时
+    # 总有几次恰好没被打断；总耗时仍约 5 × seconds
+    return time_matmul(device, dtype, n, reps=10), n
 
 
 def build_on_meta(cfg):
@@ -1472,7 +1475,7 @@ def _check_entries(header, data_size, path):
         # 头来自文件、不可信：每个字段先查类型再用，坏文件得到一句中文说明，而不是奇怪的异常
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
         if dtype is None:
-            raise _bad(path, f"张量 {name} 的数据类型不认识：{str(info)[:80]}")
+            raise _bad(path, f"张量 {name} 的数据类型不认识（应是 {'、'.join(SAFETENSORS_DTYPES)} 之一）")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not _is_uint_list(shape) or not _is_uint_list(offsets, 2) or offsets[0] > offsets[1]:
             raise _bad(path, f"张量 {name} 的 shape 或 data_offsets 格式不对")
@@ -1504,8 +1507,8 @@ def read_safetensors(path):
             raise _bad(path, f"头长度 {header_len} 不合理（文件共 {file_size} 字节）")
         try:
             header = json.loads(f.read(header_len).decode("utf-8"))
-        except ValueError as err:
-            raise _bad(path, f"头部不是合法的 JSON（{err}）") from None
+        except ValueError:  # 包括 UTF-8 解码失败；不附 json 模块的英文说明
+            raise _bad(path, "头部不是合法的 UTF-8 JSON") from None
         # 数据区紧跟在 8 字节长度和 JSON 头之后；头里的 data_offsets 都相对这里
         data_start = 8 + header_len
         entries = _check_entries(header, file_size - data_start, path)
@@ -1537,8 +1540,10 @@ def read_json(path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"找不到 {path}") from None
-    except ValueError as err:
-        raise UserError(f"{path} 不是合法的 JSON：{err}") from None
+    except json.JSONDecodeError as err:  # 只报位置，不附 json 模块的英文说明
+        raise UserError(f"{path} 不是合法的 JSON（第 {err.lineno} 行第 {err.colno} 列有误）") from None
+    except (OSError, ValueError):  # 没有读权限、其实是个目录、不是 UTF-8 文本……
+        raise UserError(f"{path} 读不出来，或不是 UTF-8 编码的 JSON 文本") from None
 
 
 def gpt2_config_from_hf(conf, folder):
@@ -1549,6 +1554,10 @@ def gpt2_config_from_hf(conf, folder):
                "drop_rate": 0.0, "qkv_bias": True}  # 推理用不到 dropout
     except (KeyError, TypeError) as err:
         raise UserError(f"{folder}/config.json 缺少字段 {err}") from None
+    sizes = [cfg[key] for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")]
+    if not _is_uint_list(sizes) or 0 in sizes or cfg["emb_dim"] % cfg["n_heads"]:
+        raise UserError(f"{folder}/config.json 里的尺寸 {sizes} 不合理："
+                        "应都是正整数，且 n_embd 能被 n_head 整除")
     # 逐条排除 GPTModel 表达不了的变体：别的激活函数、FFN 宽度不是 4 倍、
     # 注意力分数按层号额外缩放、或者不除以 √head_dim
     if (conf.get("model_type", "gpt2") != "gpt2"
@@ -1558,7 +1567,10 @@ def gpt2_config_from_hf(conf, folder):
             or not conf.get("scale_attn_weights", True)):
         raise UserError(f"{folder}/config.json 描述的不是本章实现的标准 GPT-2 结构")
     # eps 不是参数，不在权重文件里，只能从 config 读；GPT-2 用的是 1e-5
-    return cfg, conf.get("layer_norm_epsilon", 1e-5)
+    eps = conf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise UserError(f"{folder}/config.json 的 layer_norm_epsilon 应是 0 到 1 之间的小数")
+    return cfg, eps
 
 
 def read_weight_folder(folder):
@@ -1566,7 +1578,12 @@ def read_weight_folder(folder):
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         # weight_map 是 {参数名: 分片文件名}：许多参数在同一个分片里，所以去重
-        files = sorted(set((read_json(index).get("weight_map") or {}).values()))
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(name, str) for name in weight_map.values())):
+            raise UserError(f"{index} 格式不对：应有 weight_map（参数名 → 分片文件名）")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
@@ -1627,8 +1644,15 @@ def resolve_gpt2_dir(name_or_dir):
         for filename in ("config.json", "model.safetensors"):
             download_hf_file(HF_REPOS[name_or_dir], filename, folder)
         return folder
-    if Path(name_or_dir).is_dir():
-        return Path(name_or_dir)
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    hint = "--init 要一个含 config.json 和 *.safetensors 的目录"
+    if path.exists():
+        raise UserError(f"{name_or_dir} 是文件，不是目录：{hint}")
+    # 带路径分隔符、以 . 或 ~ 开头的显然是想给一个目录：说它不存在，比"未知模型"有用
+    if "/" in name_or_dir or os.sep in name_or_dir or name_or_dir.startswith((".", "~")):
+        raise UserError(f"目录 {name_or_dir} 不存在：{hint}，或模型名 {'、'.join(HF_REPOS)}")
     raise UserError(f"未知模型 {name_or_dir!r}：可选 random、{'、'.join(HF_REPOS)}，"
                     "或一个含 config.json 和 *.safetensors 的本地目录")
 
@@ -1641,12 +1665,14 @@ def load_gpt2_hf(name_or_dir):
     # 这一步只建立内存映射和视图，一个字节的权重都还没有真正读进内存
     state = map_hf_to_ours(read_weight_folder(folder), cfg["n_layers"], folder)
     model = build_on_meta(cfg)  # 只有形状：不分配内存，也省掉随机初始化的时间
-    try:
-        # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
-        # 所以整个加载过程只有一份权重
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise UserError(f"{folder} 的权重与 config.json 对不上：{err}") from None
+    expected = model.state_dict()  # meta 上的参数也有形状：先逐个核对，错了一句中文说清是哪个
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{folder} 的权重与 config.json 对不上：{key} 的形状是 "
+                            f"{tuple(value.shape)}，应为 {tuple(expected[key].shape)}")
+    # assign=True：直接拿映射好的（内存映射上的）张量当参数，而不是复制进预先分配的参数里，
+    # 所以整个加载过程只有一份权重
+    model.load_state_dict(state, assign=True)
     if state["out_head.weight"] is state["tok_emb.weight"]:
         model.out_head.weight = model.tok_emb.weight  # 真正共享同一个参数，而不是两个参数对象
     # 因果掩码是 persistent=False 的 buffer，不在 state_dict 里，所以还留在 meta 上：
