@@ -6,7 +6,7 @@
   4. 多头注意力：逐头包装版与 view/transpose 高效版，权重摆法相同时结果相同；
   5. 同一个因果多头注意力的 7 种等价写法（合并 QKV、einsum、SDPA、nn.MultiheadAttention……，
      设备支持时再加 FlexAttention），逐一与参考对齐，并比较前向/反向速度。
-运行：python 02_attention.py               # 默认：2 核 CPU 约 11 秒（别的进程占满 CPU 时实测 35 秒）
+运行：python 02_attention.py               # 默认：2 核 CPU 约 15 秒
       python 02_attention.py --quick       # 冒烟：2 核 CPU 约 3 秒
       python 02_attention.py --bench-size  # 8×1024×768、12 头：2 核 CPU 约 10 分钟，建议用 GPU
 """

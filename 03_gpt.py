@@ -4,8 +4,8 @@
   2. 模型有多大、多贵：参数量（含/不含权重共享）、内存、每个词元的 FLOPs、训练一轮要多久
   3. 文本生成：贪心、温度、top-k、top-p、重复惩罚，遇到结束符就停
   4. 加载真正的 GPT-2 权重：自己下载、自己解析 safetensors、把 HF 的参数名对应到我们的模型
-运行：python 03_gpt.py            # 默认：2 核 CPU 约 17 秒（gpt2-small 尺寸，随机权重；繁忙时实测 60 秒）
-      python 03_gpt.py --quick    # 冒烟：约 7 秒（别的进程占满 CPU 时实测 13 秒）
+运行：python 03_gpt.py            # 默认：2 核 CPU 约 22 秒（gpt2-small 尺寸，随机权重）
+      python 03_gpt.py --quick    # 冒烟：约 8 秒
       python 03_gpt.py --init gpt2 --prompt "Every effort moves you"   # 需联网或镜像（HF_ENDPOINT）
 """
 import argparse

@@ -7,8 +7,8 @@
 - 一次训练的全部状态装进一个 RunState：可逐位续训的检查点、Ctrl-C 安全退出
 - load_init：随机初始化、本章的检查点、GPT-2 权重，一个函数载入（后面各章都复制它）
 - 进阶：SDPA、词表补齐、融合 AdamW、bf16、torch.compile、MFU、先估内存、超参数搜索、交互生成
-运行：python 04_pretrain.py            # 默认：mini 模型 350 步，2 核 CPU 约 5–10 分钟（视机器忙闲）
-      python 04_pretrain.py --quick    # 冒烟：tiny 模型 40 步，2 核 CPU 约 10 秒
+运行：python 04_pretrain.py            # 默认：mini 模型 350 步，2 核 CPU 约 8 分钟（CPU 快的机器约 5 分钟）
+      python 04_pretrain.py --quick    # 冒烟：tiny 模型 40 步，2 核 CPU 约 11 秒
 """
 import argparse
 import base64
