@@ -35,28 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-# 读语料、找 GPT-2 词表、读项目分词器、选设备等管道活在文末"进阶：公共工具的细节"，第一遍可跳过
+# 命令行解析、读语料、找 GPT-2 词表、读项目分词器、选设备等管道活在文末"进阶：公共工具的细节"，第一遍可跳过
 # ===== 1. 公共工具（其他脚本从这里逐字复制） =====
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 class UserError(Exception):
     """用户输入有误（文件缺失、格式不对……）：main() 捕获后打印一行中文说明，以状态码 2 退出。"""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse 自带的报错是英文、还先打印一大段用法；改成一行中文，同样以状态码 2 退出。"""
-
-    def error(self, message):
-        print(f"错误：命令行参数有误（{message}）；用 --help 查看用法", file=sys.stderr)
-        sys.exit(2)
-
-
-def check_range(flag, value, low, high):
-    """数值参数的范围检查：负数、零、NaN、无穷、大得离谱，都在开工之前用一行中文拒绝。"""
-    # math.isfinite 挡住 nan/inf：nan 与任何数比较都是 False，只写 low <= value 会让它溜过去
-    if not (math.isfinite(value) and low <= value <= high):
-        raise UserError(f"{flag} 应在 {low} 到 {high} 之间，收到 {value}")
 
 
 # GPT-2 的预分词正则（公开事实，来自 GPT-2 论文的实现）：缩写、字母串、数字串、其他符号、空白
@@ -599,8 +584,33 @@ def main(argv=None):
 
 
 # ===== 进阶：公共工具的细节（读语料、找 GPT-2 词表、读项目分词器、选设备、检查输出） =====
-# 这几件是管道活，与分词的道理无关；get_gpt2_tokenizer、load_project_tokenizer、resolve_device
-# 被后面各章逐字复制。
+# 这几件是管道活，与分词的道理无关；ArgParser、check_range、get_gpt2_tokenizer、
+# load_project_tokenizer、resolve_device 被后面各章逐字复制。
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse 的中文版：--help 的标题是中文；报错不再先打印一大段英文用法，只给一行中文，状态码 2。"""
+
+    def __init__(self, **kwargs):
+        super().__init__(add_help=False, **kwargs)
+        self.add_argument("-h", "--help", action="help", help="显示这份帮助并退出")
+
+    def format_help(self):
+        # "usage:"、"options:" 这两个标题写死在 argparse 里（英文），在这里换成中文
+        return super().format_help().replace("usage:", "用法：", 1).replace("options:", "选项：", 1)
+
+    def error(self, message):
+        print(f"错误：命令行参数有误（{message}）；用 --help 查看用法", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_range(flag, value, low, high):
+    """数值参数的范围检查：负数、零、NaN、无穷、大得离谱，都在开工之前用一行中文拒绝。"""
+    # math.isfinite 挡住 nan/inf：nan 与任何数比较都是 False，只写 low <= value 会让它溜过去
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{flag} 应在 {low} 到 {high} 之间，收到 {value}")
+
+
 def read_corpus(path):
     """path 是 .txt 文件或目录（递归读取其中全部 .txt，按相对路径排序）；每个文件是一篇文档。"""
     path = Path(path)

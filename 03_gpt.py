@@ -976,7 +976,15 @@ class UserError(Exception):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse 自带的报错是英文、还先打印一大段用法；改成一行中文，同样以状态码 2 退出。"""
+    """argparse 的中文版：--help 的标题是中文；报错不再先打印一大段英文用法，只给一行中文，状态码 2。"""
+
+    def __init__(self, **kwargs):
+        super().__init__(add_help=False, **kwargs)
+        self.add_argument("-h", "--help", action="help", help="显示这份帮助并退出")
+
+    def format_help(self):
+        # "usage:"、"options:" 这两个标题写死在 argparse 里（英文），在这里换成中文
+        return super().format_help().replace("usage:", "用法：", 1).replace("options:", "选项：", 1)
 
     def error(self, message):
         print(f"错误：命令行参数有误（{message}）；用 --help 查看用法", file=sys.stderr)

@@ -1,6 +1,8 @@
 """独立性检查（DESIGN §3）：编号脚本不 import 兄弟脚本或项目模块，
 除可选的 guarded import 外只依赖标准库、torch、tiktoken、numpy（以及 tiktoken 依赖的 regex）。"""
 import ast
+import os
+import subprocess
 import sys
 
 import pytest
@@ -63,3 +65,13 @@ def test_script_does_not_load_sibling_scripts(path):
 def test_checker_flags_a_sibling_import():
     assert unguarded_imports("import helpers\nfrom . import x\n") == ["helpers", "."]
     assert unguarded_imports("try:\n    import matplotlib\nexcept ImportError:\n    pass\n") == []
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_help_is_chinese(path):
+    # --help 的标题（argparse 写死的 usage/options）也是中文
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("用法：") and "选项：" in result.stdout, result.stdout[:200]
+    assert "show this help" not in result.stdout and "usage:" not in result.stdout
