@@ -788,12 +788,11 @@ def _copy_with_progress(response, out, done, total, name):
     print()
 
 
-def _fetch_into(url, part):
-    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。"""
+def _fetch_into(url, part, headers=None):
+    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。
+    headers：额外的请求头，例如只发给 HF 的访问令牌（别的网站不该收到它）。"""
     have = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url)
-    if os.environ.get("HF_TOKEN"):  # 受限（gated）模型需要访问令牌
-        request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    request = urllib.request.Request(url, headers=headers or {})
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
@@ -803,7 +802,7 @@ def _fetch_into(url, part):
         if err.code != 416 or not have:
             raise
         part.unlink()  # 416：.part 不比服务器上的文件短，说明它不可信，删掉从头下载
-        return _fetch_into(url, part)
+        return _fetch_into(url, part, headers)
     # 206 = 服务器接受了 Range，接着写；200 = 服务器从头发送，那就从头写
     resumed = response.status == 206
     part.parent.mkdir(parents=True, exist_ok=True)  # 连上了才建目录：断网时什么都不留下
@@ -825,8 +824,9 @@ def download_hf_file(repo_id, filename, dest_dir):
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     # resolve/main/ 表示取 main 分支上的版本，这是 HF 下载单个文件的固定路径格式
     url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
+    token = os.environ.get("HF_TOKEN")  # 受限（gated）模型需要访问令牌
     try:
-        total = _fetch_into(url, part)
+        total = _fetch_into(url, part, {"Authorization": f"Bearer {token}"} if token else None)
     except urllib.error.HTTPError as err:
         hint = "需要访问令牌：请设置环境变量 HF_TOKEN" if err.code in (401, 403) else "请检查模型名"
         raise UserError(f"下载 {url} 失败：HTTP {err.code}，{hint}") from None

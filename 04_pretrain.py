@@ -47,20 +47,6 @@ CACHE_DIR = Path(__file__).resolve().parent / "cache"
 VAL_EVERY = 10  # 每 10 个文本块留 1 块做验证集：验证集与训练集不重叠，但来自同样的分布
 
 
-def find_text_files(path):
-    """--data 可以是一个文本文件，也可以是目录（递归查找 .txt，按路径排序保证可复现）。"""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"找不到语料路径 {path}")
-    if path.is_file():
-        return [path]
-    # 排序：rglob 的顺序随文件系统而变，不排序的话同一份语料两次切出的 token 顺序可能不同
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if not files:
-        raise UserError(f"目录 {path} 里没有任何 .txt 文件")
-    return files
-
-
 def corpus_key(files, tokenizer_name):
     """缓存的钥匙 = 语料内容 + 分词器：任何一个变了，就重新切词。"""
     # 哈希内容而不是文件名或修改时间：改一个字就会换钥匙，复制、挪动语料则仍能命中缓存
@@ -76,6 +62,9 @@ def iter_documents(files, chunk_chars=1 << 20):
     产出 (是否文档开头, 文本块)。"""
     for file in files:
         try:
+            if file.suffix == ".jsonl":  # JSON Lines：每行的 "text" 是一篇文档（见进阶 iter_jsonl）
+                yield from ((True, text) for text in iter_jsonl(file))
+                continue
             with open(file, encoding="utf-8") as fh:
                 first, carry = True, ""
                 # 上一块末尾没读完的那一行（carry）接到下一块开头，保证切口总落在换行处
@@ -133,7 +122,7 @@ def build_token_cache(files, enc, folder):
 
 
 def load_corpus(data_path, enc, context_length):
-    """返回 (train_tokens, val_tokens) 两个 np.memmap；缓存不存在时先建。"""
+    """返回 (train_tokens, val_tokens) 两个 np.memmap，缓存不存在时先建。data_path 的写法见进阶。"""
     files = find_text_files(data_path)
     folder = CACHE_DIR / f"tokens-{corpus_key(files, enc.name)}"
     # 缓存目录名里带着内容哈希，所以只要 meta.json 在，就可以放心复用
@@ -259,6 +248,40 @@ def load_init(init, device, config="mini"):
 # 交叉熵 = -log(模型给正确下一个词的概率) 的平均；困惑度 = exp(交叉熵)，
 # 可读作"模型平均在多少个候选词之间犹豫"：随机初始化时约等于词表大小，学得越好越小。
 
+# 模型要赢过"只会数数"的基线，才算学到了东西。unigram 只看每个词多常见；bigram 只看前一个词
+# （数训练集里"v 后面跟 w"的次数）。Transformer 看得见整段上下文，验证损失必须明显低于 bigram：
+# 只和它打平，说明模型学到的不过是"上一个词后面常跟什么"，注意力和多层网络都白费了。
+BASELINE_TOKENS = 20_000_000  # 大语料只数前这么多 token：基线已经够准，计数的内存却随它线性增长
+
+
+def count_baselines(train, val, vocab_size):
+    """验证集上的交叉熵 {"unigram": …, "bigram": …}，nats/token。bigram 用插值 Kneser-Ney 平滑：
+    P(w|v) = max(c(v,w) − d, 0)/c(v) + d·N(v•)/c(v)·P_cont(w)，N(v•) = v 后面跟过几种不同的词。
+    P_cont(w) 按"w 跟在几种不同的词后面"算：没见过的组合也有概率，只跟一个词连用的词（"乓"）不占便宜。"""
+    V = vocab_size
+    train, val = (np.asarray(t[:BASELINE_TOKENS], dtype=np.int64) for t in (train, val))
+    prev, nxt = val[:-1], val[1:]
+    unigram = np.bincount(train, minlength=V) + 1.0  # 加一平滑：没见过的词也不是零概率
+    # 把一对 (v, w) 编成一个整数 v·V + w：np.unique 一次数出所有出现过的组合与次数
+    pairs, counts = np.unique(train[:-1] * V + train[1:], return_counts=True)
+    n1, n2 = np.sum(counts == 1), np.sum(counts == 2)
+    # 折扣 d 的经典估计（Ney 1994）：只出现一次的组合越多，扣得越多。d 必须大于 0，否则没见过的组合
+    # 概率为 0、损失为无穷大；没有只出现一次的组合时（玩具语料）取常用的 0.75
+    d = n1 / (n1 + 2 * n2) if n1 else 0.75
+    c_v = np.bincount(pairs // V, weights=counts, minlength=V)
+    n_v = np.bincount(pairs // V, minlength=V)
+    p_cont = np.bincount(pairs % V, minlength=V) + 1.0
+    p_cont /= p_cont.sum()
+    # 在排好序的 pairs 里二分查找验证集的每一对：找到就是它在训练集里的次数，否则是 0
+    at = np.searchsorted(pairs, prev * V + nxt).clip(max=len(pairs) - 1)
+    c_vw = np.where(pairs[at] == prev * V + nxt, counts[at], 0)
+    seen = c_v[prev] > 0  # 前一个词在训练集里从没出现过：只能退回 P_cont
+    p = np.where(seen, (np.maximum(c_vw - d, 0) + d * n_v[prev] * p_cont[nxt])
+                 / np.maximum(c_v[prev], 1), p_cont[nxt])
+    return {"unigram": float(-np.log(unigram[nxt] / unigram.sum()).mean()),
+            "bigram": float(-np.log(p).mean())}
+
+
 def calc_loss_batch(model, x, y):
     # x、y: (batch, context_length)；logits: (batch, context_length, vocab_size)
     logits = model(x)
@@ -353,6 +376,7 @@ class RunState:
     history: list = field(default_factory=list)  # 每步一个 dict，就是 history.csv 的一行
     train_seconds: float = 0.0    # 只算训练步（不含评估、采样、存盘）的耗时，用来算 token/s
     timed_steps: int = 0
+    baselines: dict = field(default_factory=dict)  # {"unigram": …, "bigram": …}：验证集上的计数基线
 
     def autocast(self):
         # autocast 只把适合低精度的运算（矩阵乘法）换成 bf16；LayerNorm、softmax 等仍用 fp32
@@ -402,20 +426,6 @@ def restore(state, ckpt):
     print(f"从第 {state.step} 步继续（已见 {state.tokens_seen:,} token）")
 
 
-HISTORY_FIELDS = ["step", "tokens_seen", "lr", "train_loss", "eval_train_loss", "eval_val_loss"]
-
-
-def write_history(out_dir, history):
-    """损失历史写成 CSV：每步一行；评估步额外填上训练集/验证集的平均损失，其余步留空。"""
-    tmp = out_dir / "history.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, HISTORY_FIELDS, restval="")
-        writer.writeheader()
-        writer.writerows(history)
-    # 与检查点一样先写临时文件再改名：CSV 永远是完整的，可以边训练边用别的程序读
-    os.replace(tmp, out_dir / "history.csv")
-
-
 # ===== 6. 训练循环 =====
 
 def train_step(state, s, forward):
@@ -446,8 +456,10 @@ def train_step(state, s, forward):
 def report_eval(state, s):
     """评估 + 用固定开头采样一段，打印出来；返回要记进这一步历史的两个平均损失。"""
     losses = evaluate(state, s)
-    print(f"  评估：训练 {losses['train']:.3f}  验证 {losses['val']:.3f}"
-          f"（困惑度 {math.exp(losses['val']):.1f}）  已见 {state.tokens_seen:,} token")
+    base = state.baselines  # 最后一项是负数，模型才比"只看前一个词"的计数强
+    print(f"  评估：训练 {losses['train']:.3f}  验证 {losses['val']:.3f}（困惑度 "
+          f"{math.exp(losses['val']):.1f}）｜基线 bigram {base['bigram']:.3f}、unigram "
+          f"{base['unigram']:.3f}｜验证 − bigram = {losses['val'] - base['bigram']:+.3f}")
     print(f"  样本：{shorten(s.prompt)}{sample_text(state, s, s.prompt)}")
     return {"eval_train_loss": losses["train"], "eval_val_loss": losses["val"]}
 
@@ -624,9 +636,12 @@ def build_run(s, ckpt=None):
           f"词表 {cfg['vocab_size']}（分词器 {enc.name}，{enc.n_vocab} 个 token），"
           f"参数 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M；训练集 "
           f"{len(train_tokens):,} token，验证集 {len(val_tokens):,} token；设备 {device}，精度 {dtype}")
+    base = count_baselines(train_tokens, val_tokens, enc.n_vocab)
+    print(f"计数基线（验证集）：unigram {base['unigram']:.3f}，bigram {base['bigram']:.3f} nats/token；"
+          f"随机猜 ln({enc.n_vocab}) = {math.log(enc.n_vocab):.3f}。模型要比 bigram 低才算学到了上下文")
     state = RunState(model, make_optimizer(model, s.lr, s.weight_decay, s.optimizer), enc,
                      {"train": train_tokens, "val": val_tokens}, device, dtype, window,
-                     torch.Generator().manual_seed(s.seed))
+                     torch.Generator().manual_seed(s.seed), baselines=base)
     if ckpt is not None:
         restore(state, ckpt)  # 放在最后：之前的步骤（建模型、测速）都不能再动随机数
     return state
@@ -640,7 +655,7 @@ def finish(state, s, reason):
     if reason == "stop_at":
         print(f"按 --stop-at 在第 {state.step} 步停下，检查点已保存；用 --resume 继续。")
         return
-    plot_history(out_dir, state.history)
+    plot_history(out_dir, state.history, state.baselines)
     report_speed(state, s)
     print(f"检查点：{out_dir / 'ckpt.pt'}   损失历史：{out_dir / 'history.csv'}")
     print("最终样本：")
@@ -908,13 +923,28 @@ class StopFlag:
 
 
 # —— 输出细节 ——
+
+HISTORY_FIELDS = ["step", "tokens_seen", "lr", "train_loss", "eval_train_loss", "eval_val_loss"]
+
+
+def write_history(out_dir, history):
+    """损失历史写成 CSV：每步一行；评估步额外填上训练集/验证集的平均损失，其余步留空。"""
+    tmp = out_dir / "history.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, HISTORY_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+    # 与检查点一样先写临时文件再改名：CSV 永远是完整的，可以边训练边用别的程序读
+    os.replace(tmp, out_dir / "history.csv")
+
+
 def shorten(text, limit=24):
     """长提示词在每行输出里只显示结尾（续写接的就是结尾），免得一行被几千个字淹没。"""
     return text if len(text) <= limit else f"…{text[-limit:]}"
 
 
-def plot_history(out_dir, history):
-    """画损失曲线（横轴：见过的 token 数）。matplotlib 是可选依赖。"""
+def plot_history(out_dir, history, baselines=None):
+    """画损失曲线（横轴：见过的 token 数），计数基线画成水平虚线。matplotlib 是可选依赖。"""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -930,6 +960,9 @@ def plot_history(out_dir, history):
         rows = [row for row in history if key in row]
         ax.plot([r["tokens_seen"] for r in rows], [r[key] for r in rows], style, label=label,
                 alpha=0.3 if key == "train_loss" else 1.0)
+    for name, value in (baselines or {}).items():  # 验证曲线要落到 bigram 这条线下面才算学到了东西
+        ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(f"{name} baseline (val)", (0, value), fontsize=8, va="bottom")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy loss")
     ax.legend()
@@ -1036,6 +1069,94 @@ def interactive(s):
                        temperature=settings["temp"], top_k=settings["topk"], top_p=settings["topp"],
                        eos_id=enc.eot_token, repetition_penalty=settings["rep"])
         print(line + enc.decode(out[0, len(ids):].tolist()))
+
+
+
+# —— --data 的来源：文本文件、目录、JSON Lines、Project Gutenberg ——
+DATA_SUFFIXES = (".txt", ".jsonl")
+# 纯文本版电子书的地址；设环境变量 GUTENBERG_URL 可换成镜像或本地服务器（{id} 处填编号）
+GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/{id}/pg{id}.txt"
+
+
+def find_text_files(path):
+    """--data → 文件列表：一个 .txt 或 .jsonl 文件；一个目录（递归查找 .txt 与 .jsonl，按路径排序，
+    保证可复现：rglob 的顺序随文件系统而变）；或 gutenberg:编号[,编号…]（先下载到缓存）。"""
+    if str(path).startswith("gutenberg:"):
+        return fetch_gutenberg(str(path)[len("gutenberg:"):])
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"找不到语料路径 {path}")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"目录 {path} 里没有任何 .txt 或 .jsonl 文件")
+    return files
+
+
+def iter_jsonl(file):
+    """逐行读 JSON Lines（minimind 的 pretrain_hq.jsonl 等中文预训练集的格式），产出每行的 "text"。
+    一次只有一行在内存里：几十 GB 的文件也能切词。"""
+    with open(file, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue  # 空行（常见于文件末尾）跳过
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{file} 第 {lineno} 行不是合法的 JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f'{file} 第 {lineno} 行没有字符串字段 "text"')
+            yield record["text"]
+
+
+def strip_gutenberg(text):
+    """Gutenberg 在每本书前后加了英文页眉和许可证，正文在 "*** START OF …" 与 "*** END OF …"
+    两行之间：不去掉的话，每本书都教模型背一遍同样的英文条款。"""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    head = text.find("*** START OF")
+    if head >= 0:
+        text = text[text.find("\n", head) + 1:]
+    tail = text.find("*** END OF")
+    return (text[:tail] if tail >= 0 else text).strip() + "\n"
+
+
+def fetch_gutenberg(ids):
+    """下载 Project Gutenberg 的公有领域电子书到 cache/gutenberg/（断点续传、显示进度），
+    去掉页眉页脚后返回正文文件的列表；下载过的直接复用。Gutenberg 有几百本中文古典作品。"""
+    numbers = [number.strip() for number in ids.split(",")]
+    if not all(number.isdigit() for number in numbers):
+        raise UserError(f"gutenberg: 后面应是逗号分隔的电子书编号，例如 gutenberg:24264,23910，"
+                        f"而不是 {ids!r}")
+    template = os.environ.get("GUTENBERG_URL", GUTENBERG_URL)
+    files = []
+    for number in numbers:
+        dest = CACHE_DIR / "gutenberg" / f"{number}.txt"
+        if not dest.is_file():  # 正文文件只在下载完整、去掉页眉页脚后才改名出现：存在即完整
+            url, part = template.format(id=number), dest.with_name(f"pg{number}.txt.part")
+            try:
+                total = _fetch_into(url, part)
+            except urllib.error.HTTPError as err:
+                hint = "：Gutenberg 上没有这个编号的纯文本电子书" if err.code == 404 else ""
+                raise UserError(f"下载电子书 {number}（{url}）失败：HTTP {err.code}{hint}") from None
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                raise UserError(f"无法下载电子书 {number}（{url}：{err}）。网络不通时可以设置镜像，"
+                                "如 export GUTENBERG_URL='https://镜像地址/{id}.txt'，或在别处下载好"
+                                " .txt 放进一个目录再用 --data 该目录；已下载的部分会续传") from None
+            if total is not None and part.stat().st_size != total:
+                raise UserError(f"电子书 {number} 只下载了 {part.stat().st_size}/{total} 字节，"
+                                "连接中途断开；重新运行会从断点续传")
+            try:
+                text = strip_gutenberg(part.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"电子书 {number} 不是 UTF-8 文本（{url}）") from None
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, dest)
+            part.unlink()
+            print(f"  电子书 {number}：正文 {len(text):,} 个字符 → {dest}")
+        files.append(dest)
+    return files
 
 
 
@@ -1395,12 +1516,11 @@ def _copy_with_progress(response, out, done, total, name):
     print()
 
 
-def _fetch_into(url, part):
-    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。"""
+def _fetch_into(url, part, headers=None):
+    """把 url 的内容写进 part，已有的部分用 HTTP Range 跳过（断点续传）。返回总字节数。
+    headers：额外的请求头，例如只发给 HF 的访问令牌（别的网站不该收到它）。"""
     have = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url)
-    if os.environ.get("HF_TOKEN"):  # 受限（gated）模型需要访问令牌
-        request.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    request = urllib.request.Request(url, headers=headers or {})
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
@@ -1410,7 +1530,7 @@ def _fetch_into(url, part):
         if err.code != 416 or not have:
             raise
         part.unlink()  # 416：.part 不比服务器上的文件短，说明它不可信，删掉从头下载
-        return _fetch_into(url, part)
+        return _fetch_into(url, part, headers)
     # 206 = 服务器接受了 Range，接着写；200 = 服务器从头发送，那就从头写
     resumed = response.status == 206
     part.parent.mkdir(parents=True, exist_ok=True)  # 连上了才建目录：断网时什么都不留下
@@ -1432,8 +1552,9 @@ def download_hf_file(repo_id, filename, dest_dir):
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     # resolve/main/ 表示取 main 分支上的版本，这是 HF 下载单个文件的固定路径格式
     url = f"{endpoint}/{repo_id}/resolve/main/{filename}"
+    token = os.environ.get("HF_TOKEN")  # 受限（gated）模型需要访问令牌
     try:
-        total = _fetch_into(url, part)
+        total = _fetch_into(url, part, {"Authorization": f"Bearer {token}"} if token else None)
     except urllib.error.HTTPError as err:
         hint = "需要访问令牌：请设置环境变量 HF_TOKEN" if err.code in (401, 403) else "请检查模型名"
         raise UserError(f"下载 {url} 失败：HTTP {err.code}，{hint}") from None

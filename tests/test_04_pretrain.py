@@ -1,12 +1,16 @@
 """04_pretrain.py：端到端快跑、损失下降、检查点、逐位续训、load_init 的三种起点、token 缓存、
 学习率曲线、精度选择、坏输入（每个数值参数都试过离谱的值）。"""
 import csv
+import http.server
 import io
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +256,122 @@ def test_token_cache_matches_tiktoken_and_is_built_once(mod, tmp_path, monkeypat
     assert train.dtype == np.uint16
 
 
+def test_jsonl_corpus_is_one_document_per_line(mod, tmp_path, monkeypatch):
+    monkeypatch.setattr(mod, "CACHE_DIR", tmp_path / "cache")
+    docs = [f"第 {i} 条：小猫在窗台上晒太阳，{'一会儿' * i}睡着了。\n第二行。" for i in range(12)]
+    lines = [json.dumps({"text": d, "id": i}, ensure_ascii=i % 2 == 0) for i, d in enumerate(docs)]
+    path = tmp_path / "pretrain.jsonl"
+    path.write_text("\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:]) + "\n", encoding="utf-8")
+    enc = mod.load_project_tokenizer()
+    train, val = mod.load_corpus(path, enc, 8)
+    ref = [[enc.eot_token] + enc.encode_ordinary(d) for d in docs]  # 空行不算文档
+    assert train.tolist() == sum(ref[:9] + ref[10:], []) and val.tolist() == ref[9]
+    # 目录里的 .jsonl 与 .txt 一起读
+    (tmp_path / "mixed").mkdir()
+    path.rename(tmp_path / "mixed" / "a.jsonl")
+    (tmp_path / "mixed" / "b.txt").write_text(docs[0], encoding="utf-8")
+    assert [f.name for f in mod.find_text_files(tmp_path / "mixed")] == ["a.jsonl", "b.txt"]
+
+
+def kneser_ney_by_hand(train, val, V):
+    """参照：用字典和循环逐条按公式算插值 Kneser-Ney bigram 与加一平滑的 unigram。"""
+    pairs = Counter(zip(train[:-1].tolist(), train[1:].tolist()))
+    n1 = sum(c == 1 for c in pairs.values())
+    n2 = sum(c == 2 for c in pairs.values())
+    d = n1 / (n1 + 2 * n2)
+    cont = {w: 1 + len({v for v, x in pairs if x == w}) for w in range(V)}
+
+    def prob(v, w):
+        c_v = sum(c for (a, _), c in pairs.items() if a == v)
+        p_cont = cont[w] / sum(cont.values())
+        if c_v == 0:
+            return p_cont
+        n_v = sum(1 for a, _ in pairs if a == v)
+        return max(pairs[(v, w)] - d, 0) / c_v + d * n_v / c_v * p_cont
+
+    for v in range(V):  # 每个前文下的条件分布加起来是 1
+        assert sum(prob(v, w) for w in range(V)) == pytest.approx(1.0)
+    counts = Counter(train.tolist())
+    unigram = -np.mean([math.log((counts[w] + 1) / (len(train) + V)) for w in val[1:]])
+    bigram = -np.mean([math.log(prob(v, w)) for v, w in zip(val[:-1], val[1:])])
+    return unigram, bigram
+
+
+def test_count_baselines_match_a_hand_computation(mod):
+    rng = np.random.default_rng(0)
+    V = 12
+    # 训练集里没有 10、11：验证集里它们既作前文（退回 P_cont）也作后文（只靠加一平滑）
+    train = rng.integers(0, 10, 500)
+    val = np.concatenate([rng.integers(0, 12, 200), [11, 10, 3]])
+    got = mod.count_baselines(train.astype(np.uint16), val.astype(np.uint16), V)
+    assert (got["unigram"], got["bigram"]) == pytest.approx(kneser_ney_by_hand(train, val, V),
+                                                            rel=1e-9)
+
+
+def test_bigram_baseline_learns_a_fixed_successor_and_unigram_does_not(mod):
+    seq = np.tile(np.arange(50), 200)  # 每个 token 后面总跟同一个：bigram 几乎全对，unigram 只知道均匀
+    got = mod.count_baselines(seq[:8000], seq[8000:], 64)
+    assert got["unigram"] == pytest.approx(math.log(50), abs=0.02) and got["bigram"] < 0.01
+
+
+@pytest.fixture
+def gutenberg(monkeypatch, tmp_path):
+    """127.0.0.1 上假扮 Gutenberg 的服务器：/pg编号.txt 是一本带英文页眉和许可证页脚的假书，支持 Range。"""
+    body = "\n\n".join((ROOT / "data" / "corpus" / "tales").glob("*.txt").__next__()
+                       .read_text(encoding="utf-8").split("\n\n")[:40])
+    book = ("\ufeffThe Project Gutenberg eBook of 测试\r\n\r\nThis eBook is for the use of anyone.\r\n"
+            "*** START OF THE PROJECT GUTENBERG EBOOK 测试 ***\r\n" + body.replace("\n", "\r\n")
+            + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK 测试 ***\r\nSection 1. General Terms of Use\r\n")
+    state = {"books": {"101": book.encode(), "102": book.replace("。", "！").encode()},
+             "requests": [], "body": body}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"].append((self.path, self.headers.get("Range")))
+            payload = state["books"].get(self.path.removeprefix("/pg").removesuffix(".txt"))
+            if payload is None:
+                self.send_error(404)
+                return
+            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get(
+                "Range") else 0
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+            self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    monkeypatch.setenv("GUTENBERG_URL", f"http://127.0.0.1:{server.server_address[1]}/pg{{id}}.txt")
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_gutenberg_books_are_downloaded_stripped_cached_and_trained_on(mod, gutenberg, tmp_path,
+                                                                      monkeypatch, capsys):
+    # 101 断在半路：留下的 .part 应当用 Range 续传，而不是从头下载
+    folder = tmp_path / "cache" / "gutenberg"
+    folder.mkdir(parents=True)
+    (folder / "pg101.txt.part").write_bytes(gutenberg["books"]["101"][:1000])
+    args = FAST + ["--data", "gutenberg:101, 102", "--max-steps", "2", "--eval-every", "2",
+                   "--out-dir", "out"]
+    code, out, err = run_in_process(mod, args, monkeypatch, tmp_path, capsys)
+    assert code == 0, err
+    assert gutenberg["requests"] == [("/pg101.txt", "bytes=1000-"), ("/pg102.txt", None)]
+    text = (folder / "101.txt").read_text(encoding="utf-8")
+    assert text == gutenberg["body"].strip() + "\n"  # 页眉、页脚、BOM、\r 都去掉了，正文一字不差
+    assert (folder / "102.txt").read_text(encoding="utf-8") == text.replace("。", "！")
+    assert sorted(p.name for p in folder.iterdir()) == ["101.txt", "102.txt"]  # 不留 .part
+    assert "100%" in out and (tmp_path / "out" / "ckpt.pt").is_file()
+    code, out, err = run_in_process(mod, args, monkeypatch, tmp_path, capsys)
+    assert code == 0 and len(gutenberg["requests"]) == 2  # 第二次全用缓存，不再联网
+
+
 def test_large_corpus_file_is_read_in_chunks(mod, tmp_path):
     text = "".join(f"第 {i} 行，一些文字。\n" for i in range(5000))
     path = tmp_path / "big.txt"
@@ -405,10 +525,13 @@ def test_every_numeric_flag_refuses_absurd_values(mod, tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_txt", "not_utf8", "too_short",
+                                  "jsonl_bad_json", "jsonl_no_text", "gutenberg_bad_id",
+                                  "gutenberg_unknown_id", "gutenberg_offline",
                                   "garbage_ckpt", "truncated_ckpt", "old_ckpt", "ckpt_mismatch",
                                   "bad_init", "missing_init_ckpt", "long_prompt", "huge_batch",
                                   "out_dir_is_file"])
-def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, capsys, case):
+def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, capsys, request,
+                                               case):
     args = FAST + ["--out-dir", "out"]
     ckpt = tmp_path / "out" / "ckpt.pt"
     if case == "missing":
@@ -426,6 +549,19 @@ def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, caps
     elif case == "too_short":
         (tmp_path / "c.txt").write_text("太短了。", encoding="utf-8")
         args += ["--data", "c.txt"]
+    elif case in ("jsonl_bad_json", "jsonl_no_text"):
+        good = json.dumps({"text": "今天天气很好。" * 50}, ensure_ascii=False)
+        bad = "{'text': 1" if case == "jsonl_bad_json" else '{"content": "没有 text 字段"}'
+        (tmp_path / "c.jsonl").write_text(f"{good}\n{bad}\n", encoding="utf-8")
+        args += ["--data", "c.jsonl"]
+    elif case == "gutenberg_bad_id":
+        args += ["--data", "gutenberg:红楼梦"]
+    elif case == "gutenberg_unknown_id":
+        request.getfixturevalue("gutenberg")  # 假服务器只有 101、102 两本书，别的编号回 404
+        args += ["--data", "gutenberg:101,999999999"]
+    elif case == "gutenberg_offline":  # 一个没人监听的端口：连接被拒，就像断网
+        args += ["--data", "gutenberg:101"]
+        monkeypatch.setenv("GUTENBERG_URL", "http://127.0.0.1:9/pg{id}.txt")
     elif case in ("garbage_ckpt", "truncated_ckpt", "old_ckpt"):
         ckpt.parent.mkdir()
         torch.save({"config": {}, "model": {}, "tokenizer": {}, "x": torch.zeros(5000)}, ckpt)
@@ -456,6 +592,9 @@ def test_bad_input_exits_2_with_chinese_message(mod, tmp_path, monkeypatch, caps
     assert err.startswith("错误：") and err.count("\n") == 1  # 只有一行中文说明
     assert "zip" not in err and "archive" not in err  # 不夹带底层库的英文报错
     assert {p: p.read_bytes() for p in saved} == saved  # 已保存的东西一个字节都没变
+    if case.startswith("gutenberg"):
+        assert {"gutenberg_bad_id": "编号", "gutenberg_unknown_id": "HTTP 404",
+                "gutenberg_offline": "GUTENBERG_URL"}[case] in err
     if case == "out_dir_is_file":
         assert (tmp_path / "out").read_text(encoding="utf-8") == "我是一个文件"
     else:
