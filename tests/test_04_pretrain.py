@@ -81,7 +81,7 @@ def test_quick_run_standalone_trains_and_writes_outputs(quick_run):
     assert [int(r["step"]) for r in rows] == list(range(0, 41))  # --quick 是 40 步
     # 损失下降：第 0 步（训练前）的验证损失 ≈ ln(词表大小)，训练 40 步后应明显更低
     first, last = float(rows[0]["eval_val_loss"]), float(rows[-1]["eval_val_loss"])
-    assert first == pytest.approx(math.log(6144), abs=0.3)
+    assert first == pytest.approx(math.log(2048), abs=0.3)
     assert last < first - 0.5
     # 检查点记下 auto 实际选定的精度，与打印出来的一致
     ckpt = torch.load(folder / "out" / "ckpt.pt", weights_only=True)
@@ -114,11 +114,11 @@ def test_load_init_random_matches_a_model_built_by_hand(mod):
     torch.manual_seed(7)
     model, tok, cfg = mod.load_init("random", "cpu", config="tiny")
     torch.manual_seed(7)
-    ref = mod.GPTModel(dict(mod.MODEL_SIZES["tiny"], vocab_size=6144, drop_rate=0.0,
+    ref = mod.GPTModel(dict(mod.MODEL_SIZES["tiny"], vocab_size=2048, drop_rate=0.0,
                             qkv_bias=False, use_sdpa=True))
-    x = torch.randint(0, 6144, (2, 16))
+    x = torch.randint(0, 2048, (2, 16))
     assert torch.equal(model.eval()(x), ref.eval()(x))
-    assert cfg["vocab_size"] == tok.n_vocab == 6144 and tok.name == "nfl-bpe-6144"
+    assert cfg["vocab_size"] == tok.n_vocab == 2048 and tok.name == "nfl-bpe-2048"
     # 默认的起点就是本章的 mini 模型
     torch.manual_seed(7)
     assert mod.load_init("random", "cpu")[2]["emb_dim"] == mod.MODEL_SIZES["mini"]["emb_dim"]
@@ -192,7 +192,8 @@ def make_run(mod, tmp_path, steps=3):
     torch.manual_seed(0)
     model = mod.GPTModel(dict(mod.model_config("tiny", context_length=16), vocab_size=300))
     tokens = np.random.default_rng(0).integers(0, 300, 2000).astype(np.uint16)
-    state = mod.RunState(model, mod.make_optimizer(model, s.lr, s.weight_decay, "fused"),
+    state = mod.RunState(model, mod.make_optimizer(model, s.lr, s.weight_decay, "fused",
+                                                   s.embed_lr_mult),
                          mod.load_project_tokenizer(),
                          {"train": tokens[:1800], "val": tokens[1800:]}, torch.device("cpu"),
                          "fp32", 16, torch.Generator().manual_seed(0))
@@ -319,9 +320,10 @@ def gutenberg(monkeypatch, tmp_path):
     """127.0.0.1 上假扮 Gutenberg 的服务器：/pg编号.txt 是一本带英文页眉和许可证页脚的假书，支持 Range。"""
     body = "\n\n".join((ROOT / "data" / "corpus" / "tales").glob("*.txt").__next__()
                        .read_text(encoding="utf-8").split("\n\n")[:40])
-    book = ("\ufeffThe Project Gutenberg eBook of 测试\r\n\r\nThis eBook is for the use of anyone.\r\n"
+    book = ("\ufeffThe Project Gutenberg eBook of 测试\r\n\r\nThis eBook is for anyone.\r\n"
             "*** START OF THE PROJECT GUTENBERG EBOOK 测试 ***\r\n" + body.replace("\n", "\r\n")
-            + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK 测试 ***\r\nSection 1. General Terms of Use\r\n")
+            + "\r\n*** END OF THE PROJECT GUTENBERG EBOOK 测试 ***\r\n"
+            "Section 1. General Terms of Use\r\n")
     state = {"books": {"101": book.encode(), "102": book.replace("。", "！").encode()},
              "requests": [], "body": body}
 
@@ -336,7 +338,8 @@ def gutenberg(monkeypatch, tmp_path):
                 "Range") else 0
             self.send_response(206 if start else 200)
             if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+                size = len(payload)
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
             self.send_header("Content-Length", str(len(payload) - start))
             self.end_headers()
             self.wfile.write(payload[start:])
@@ -393,13 +396,21 @@ def test_lr_schedule_edges(mod):
     assert all(a >= b for a, b in zip(decay, decay[1:]))
 
 
-def test_optimizer_decays_only_matrices(mod):
+def test_optimizer_scales_the_vocabulary_side_and_decays_only_matrices(mod, tmp_path):
     model = mod.GPTModel(dict(vocab_size=64, context_length=8, emb_dim=16, n_heads=2,
                               n_layers=1, drop_rate=0.0, qkv_bias=True))
-    decay, no_decay = mod.make_optimizer(model, 1e-3, 0.1, "foreach").param_groups
-    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    vocab, matrices, small = mod.make_optimizer(model, 1e-3, 0.1, "foreach", 10.0).param_groups
+    assert {id(p) for p in vocab["params"]} == {id(model.tok_emb.weight), id(model.pos_emb.weight),
+                                               id(model.out_head.weight)}
+    assert (vocab["lr_mult"], matrices["lr_mult"], small["lr_mult"]) == (10.0, 1.0, 1.0)
+    assert all(p.dim() == 2 for p in matrices["params"]) and matrices["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in small["params"]) and small["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in (vocab, matrices, small)) == len(list(model.parameters()))
+    # 训练一步：每组实际用的学习率 = 计划表的学习率 × 该组的倍数
+    state, s = make_run(mod, tmp_path, steps=1)
+    base = mod.lr_at(1, s.lr, s.warmup_steps, s.max_steps, s.lr * s.min_lr_ratio)
+    assert [g["lr"] for g in state.optimizer.param_groups] == pytest.approx(
+        [base * s.embed_lr_mult, base, base])
 
 
 def test_fused_layernorm_and_gelu_match_the_handwritten_formulas(mod):
@@ -505,7 +516,8 @@ NUMERIC_FLAGS = {
     "--emb-dim": ABSURD + ["0", "65"], "--context-length": ABSURD + ["0", "1", "100000"],
     "--drop-rate": ABSURD + ["1.5", "1"], "--batch-size": ABSURD + ["0", "100000000"],
     "--grad-accum": ABSURD + ["0"], "--max-steps": ABSURD + ["0", "2.5"],
-    "--lr": ABSURD + ["0", "5"], "--min-lr-ratio": ABSURD + ["1.5"],
+    "--lr": ABSURD + ["0", "5"], "--embed-lr-mult": ABSURD + ["0", "1000"],
+    "--min-lr-ratio": ABSURD + ["1.5"],
     "--warmup-steps": ABSURD + ["-5"], "--weight-decay": ABSURD + ["2"],
     "--grad-clip": ABSURD + ["0"], "--eval-every": ABSURD + ["0"], "--eval-iters": ABSURD + ["0"],
     "--log-every": ABSURD + ["0"], "--stop-at": ABSURD + ["0"],
