@@ -336,7 +336,7 @@ def make_optimizer(model, lr, weight_decay, impl, embed_lr_mult=1.0):
     """AdamW，参数分三组，每组记下自己的学习率倍数 lr_mult（train_step 按它缩放当步的学习率）：
     - 嵌入（词、位置）和输出头：lr × embed_lr_mult。用块内矩阵那么小的学习率，模型要几百步才学会
       "看当前这个词"，这期间损失停在 unigram 附近：Adam 每步只把参数挪动约 lr，词表那一维的每一行
-      又只在它的词出现时才有梯度。实测（300 步）：都不放大 5.74，只放大嵌入 5.40，只放大输出头 5.48，
+      又只在它的词出现时才有梯度。实测（宽 128 的 4 层模型，300 步后的验证损失）：都不放大 5.74，只放大嵌入 5.40，只放大输出头 5.48，
       两者都放大 10 倍 5.10；同样的放大用在所有参数上（整体 lr 1e-2）反而更差：6.15；
     - 其余矩阵（线性层权重）：做权重衰减；
     - 偏置和 LayerNorm 的 scale/shift（dim == 1）：数量少，衰减它们只会限制平移/缩放的自由，不起正则作用。"""
@@ -519,7 +519,8 @@ def train(state, s):
 # 下面这些设置在命令行里默认是 None：这样才分得清"用户给了"还是"没给"，没给的再由 --quick 或检查点决定
 DEFAULTS = {"model": "mini", "batch_size": 16, "grad_accum": 1, "max_steps": 900, "lr": 1e-3,
             "embed_lr_mult": 10.0, "min_lr_ratio": 0.1, "warmup_steps": 30, "weight_decay": 0.1,
-            "grad_clip": 1.0, "eval_every": 150, "eval_iters": 8, "log_every": 50, "prompt": "从前有一个",
+            "grad_clip": 1.0, "eval_every": 150, "eval_iters": 8, "log_every": 50,
+            "prompt": "从前有一个",
             "repetition_penalty": 1.3, "optimizer": "fused", "dtype": "auto", "seed": 123,
             "sweep_steps": 60}
 # --quick：tiny 模型、少量步数，用于测试和第一次试跑
