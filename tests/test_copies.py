@@ -11,10 +11,13 @@ INTENDED_VARIANTS = {
         "02 是讲解版（手写掩码与 softmax）；03 起的副本多了 SDPA 快速路径",
     ("LayerNorm", "04_pretrain.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
     ("GELU", "04_pretrain.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
+    # 05 起复制 04 的融合内核版：理由写得一字不差，这几份就归为一组，组内仍须逐字相同
+    ("LayerNorm", "05_finetune_cls.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
+    ("GELU", "05_finetune_cls.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
 }
 
-# 每个脚本自己的命令行入口：名字相同是约定，内容本来就各不相同
-ENTRY_POINTS = {"main", "run", "build_parser", "check_args"}
+# 每个脚本自己的命令行入口与默认设置：名字相同是约定，内容本来就各不相同
+ENTRY_POINTS = {"main", "run", "build_parser", "check_args", "make_settings", "DEFAULTS", "QUICK"}
 
 
 def _assigned_names(node):
@@ -59,15 +62,18 @@ def collect_copies(paths):
 
 
 def find_drift(paths, variants=INTENDED_VARIANTS):
-    """返回漂移了的名字列表（每项 "名字: [脚本, ...]"）；入口函数和登记过的变体不算。"""
+    """返回漂移了的名字列表（每项 "名字: [脚本, ...]"）；入口函数不算。
+    登记过的变体按理由分组：同一理由的几份彼此逐字相同，未登记的几份彼此逐字相同。"""
     drifted = []
     for name, by_script in collect_copies(paths).items():
         if name in ENTRY_POINTS:
             continue
-        versions = {script: src for script, src in by_script.items()
-                    if (name, script) not in variants}
-        if len(set(versions.values())) > 1:
-            drifted.append(f"{name}: {sorted(versions)}")
+        groups = {}
+        for script, src in by_script.items():
+            groups.setdefault(variants.get((name, script)), {})[script] = src
+        for versions in groups.values():
+            if len(set(versions.values())) > 1:
+                drifted.append(f"{name}: {sorted(versions)}")
     return drifted
 
 
@@ -105,6 +111,11 @@ def test_drift_check_catches_changed_functions_and_constants(tmp_path):
     # 登记为变体后就不再报
     assert find_drift(sorted(tmp_path.glob("*.py")),
                       variants={(name, "02_b.py"): "" for name in "PAT f g C".split()}) == []
+    # 同一理由登记的两份变体彼此不同：仍然报出来
+    (tmp_path / "03_c.py").write_text("def f():\n    return 3\n", encoding="utf-8")
+    variants = {(name, "02_b.py"): "" for name in "PAT g C".split()}
+    variants |= {("f", "02_b.py"): "快版", ("f", "03_c.py"): "快版"}
+    assert find_drift(sorted(tmp_path.glob("*.py")), variants) == ["f: ['02_b.py', '03_c.py']"]
 
 
 def test_constants_and_tuple_assignments_are_collected(tmp_path):
