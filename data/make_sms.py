@@ -6,7 +6,7 @@
 
 用法：
   python data/make_sms.py --seed 0 --count 2000 --out generated.tsv   # 只生成，写 label<TAB>text
-  python data/make_sms.py --build-splits                              # 重建 data/sms/{train,val,test}.tsv
+  python data/make_sms.py --build-splits    # 重建 data/sms/{train,val,test}.tsv
 """
 import argparse
 import random
@@ -15,7 +15,7 @@ from pathlib import Path
 
 SMS_DIR = Path(__file__).resolve().parent / "sms"
 SPLIT_SEED, GEN_SEED, GEN_COUNT = 2024, 0, 2000
-TEST_SHARE, VAL_SHARE = 0.35, 0.15  # 手写短信里各取多少做测试集、验证集；其余和生成的一起做训练集
+TEST_SHARE, VAL_SHARE = 0.25, 0.10  # 手写短信里各取多少做测试集、验证集；其余和生成的一起做训练集
 
 # ---- 词槽 ----
 SLOTS = {
@@ -65,24 +65,29 @@ def slot_value(name, rng):
     makers = {
         "code": lambda: f"{rng.randrange(10**5, 10**6)}" if rng.random() < 0.7
         else f"{rng.randrange(1000, 10000)}",
-        "pickup": lambda: f"{rng.randrange(1, 30)}-{rng.randrange(1, 6)}-{rng.randrange(1000, 9999)}",
+        "pickup": lambda: "-".join(str(rng.randrange(*r)) for r in ((1, 30), (1, 6), (1000, 9999))),
         "money": lambda: rng.choice([f"{rng.randrange(5, 999)}.{rng.randrange(100):02d}",
-                                     f"{rng.randrange(1, 60) * 100}", f"{rng.randrange(1000, 50000)}"]),
+                                     f"{rng.randrange(1, 60) * 100}",
+                                     f"{rng.randrange(1000, 50000)}"]),
         "big": lambda: f"{rng.randrange(2, 50)}万" if rng.random() < 0.5
         else f"{rng.randrange(3, 30) * 1000}",
         "tail": lambda: f"{rng.randrange(10000):04d}",
-        "phone": lambda: f"1{rng.choice('3578')}{rng.randrange(10**9):09d}",
+        # 手机号中间四位打码（和手写部分一样）：随机生成的号码可能恰好是某个真人的
+        "phone": lambda: f"1{rng.choice('3578')}{rng.randrange(10)}****{rng.randrange(10**4):04d}",
         "hotline": lambda: rng.choice(["400", "95"]) + f"{rng.randrange(10**4, 10**7)}",
-        "time": lambda: f"{rng.randrange(7, 22)}:{rng.choice(['00', '10', '15', '30', '45', '50'])}",
+        "time": lambda: f"{rng.randrange(7, 22)}:{rng.choice(['00', '10', '15', '30', '45'])}",
         "date": lambda: f"{rng.randrange(1, 13)}月{rng.randrange(1, 29)}日",
         "num": lambda: f"{rng.randrange(2, 12)}",
-        "percent": lambda: f"{rng.randrange(3, 9)}折" if rng.random() < 0.5 else f"{rng.randrange(5, 50)}%",
+        "percent": lambda: f"{rng.randrange(3, 9)}折" if rng.random() < 0.5
+        else f"{rng.randrange(5, 50)}%",
         "rate": lambda: f"{rng.randrange(8, 60)}.{rng.randrange(10)}%",
         "order": lambda: f"{rng.randrange(10**11, 10**12)}",
-        "plate": lambda: rng.choice("京沪粤川浙苏鄂陕") + rng.choice("ABCDEFG") + f"{rng.randrange(10**4, 10**5)}",
+        "plate": lambda: rng.choice("京沪粤川浙苏鄂陕") + rng.choice("ABCDEFG")
+        + f"{rng.randrange(10**4, 10**5)}",
         "link": lambda: rng.choice([f"http://{rng.choice(SLOTS['domain'])}/{_word(rng)}",
-                                    f"t.cn/{_word(rng)}", f"{rng.choice(SLOTS['domain'])}/{_word(rng)}",
-                                    f"https://{_word(rng).lower()}.{rng.choice(['top', 'vip', 'cc', 'xyz'])}"]),
+                                    f"t.cn/{_word(rng)}",
+                                    f"{rng.choice(SLOTS['domain'])}/{_word(rng)}",
+                                    f"https://{_word(rng).lower()}.{rng.choice(['top', 'vip'])}"]),
     }
     return makers[name]()
 
@@ -207,7 +212,8 @@ def write_tsv(path, rows):
 
 def build_splits():
     """手写短信按类别分层抽出测试集与验证集；训练集 = 其余手写 + 生成的 GEN_COUNT 条。"""
-    hand = [row for file in sorted((SMS_DIR / "handwritten").glob("*.tsv")) for row in read_tsv(file)]
+    files = sorted((SMS_DIR / "handwritten").glob("*.tsv"))
+    hand = [row for file in files for row in read_tsv(file)]
     rng = random.Random(SPLIT_SEED)
     splits = {"train": [], "val": [], "test": []}
     for label in ("spam", "ham"):

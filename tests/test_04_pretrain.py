@@ -202,6 +202,22 @@ def make_run(mod, tmp_path, steps=3):
     return state, s
 
 
+def test_time_budget_picks_a_step_count_without_touching_the_run(mod, tmp_path, monkeypatch):
+    """steps_for_budget 只在副本上计时：模型参数、优化器、取批次与全局随机数都原样不动，
+    所以之后的训练与直接给 --max-steps 这个步数时逐位相同。步数 = 预算 / 每步耗时，取 50 的倍数。"""
+    state, s = make_run(mod, tmp_path, steps=0)
+    params = [p.detach().clone() for p in state.model.parameters()]
+    rng, data = torch.get_rng_state(), state.data_gen.get_state()
+    clock = iter(range(10**6))  # 假时钟：每次读数加 1 秒，于是每步"耗时"正好 1 秒
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: float(next(clock)))
+    for budget, expected in ((777, 750), (5, 100), (10**6, mod.BUDGET_MAX_STEPS)):
+        s.time_budget = budget
+        assert mod.steps_for_budget(state, s) == expected
+    assert all(torch.equal(a, b) for a, b in zip(params, state.model.parameters()))
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(state.data_gen.get_state(), data)
+    assert state.step == 0 and not state.optimizer.state  # 真正的优化器还没走过一步
+
+
 def test_checkpoint_loads_into_fresh_model_with_identical_logits(mod, tmp_path):
     state, s = make_run(mod, tmp_path)
     path = tmp_path / "ckpt.pt"
