@@ -554,7 +554,7 @@ SETTING_FLAGS = [  # (旗标, 类型, 说明)：说明后面自动补上 DEFAULT
 def build_parser():
     p = ArgParser(description="在无标注文本上预训练 GPT（默认：data/ 语料 + 项目分词器）")
     p.add_argument("--data", default=str(DATA_DIR / "corpus"),
-                   help="语料：一个文本文件，或递归查找 .txt 的目录（默认 data/corpus）")
+                   help="语料：.txt/.jsonl 文件、含它们的目录（递归）或 gutenberg:编号（默认 data/corpus）")
     p.add_argument("--model", choices=list(MODEL_SIZES),
                    help="随机初始化时的模型尺寸：tiny/mini（CPU）或 GPT-2 的四个尺寸（默认 mini）")
     p.add_argument("--init", default="random",
