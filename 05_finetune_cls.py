@@ -61,16 +61,20 @@ def read_tsv(path, labels):
         raise UserError(f"{path} 不是 UTF-8 文本") from None
     rows = []
     for number, line in enumerate(lines, 1):
+        # 空行（常见于文件末尾）不算错：手工编辑的文件里它们很常见
         if not line.strip():
             continue
+        # 只按第一个制表符切：标签里不会有制表符，文本里万一有，也原样留在文本里
         label, tab, text = line.partition("\t")
         where = f"{path} 第 {number} 行"
         if not tab:
             raise UserError(f"{where} 不是 标签<TAB>文本 的格式")
+        # 拼错的标签（"Spam"、"垃圾"）若悄悄当成某一类，准确率就没有意义了：宁可停下来说清楚
         if label not in labels:
             raise UserError(f"{where} 的标签 {label!r} 不认识（应为 {' / '.join(labels)}）")
         if not text.strip():
             raise UserError(f"{where} 的文本是空的")
+        # 类别存成下标（ham=0、spam=1）：交叉熵要的就是整数类别
         rows.append((text, labels.index(label)))
     if not rows:
         raise UserError(f"数据文件 {path} 是空的")
@@ -81,6 +85,7 @@ def encode_rows(tokenizer, rows, max_length):
     """每条文本切成 token，超过 max_length 的截掉尾巴（短信的要点通常在开头）→ [(ids, 类别), ...]。"""
     # encode_ordinary：把文本里的 "<|endoftext|>" 当普通字符，用户写的字不会变成特殊 token
     all_ids = tokenizer.encode_ordinary_batch([text for text, _ in rows])
+    # 截断后至少留一个 token：空列表没有"最后一个 token"可取（emoji 之类极少出现，但要防住）
     return [(ids[:max_length] or [tokenizer.eot_token], label)
             for ids, (_, label) in zip(all_ids, rows)]
 
@@ -90,10 +95,13 @@ def collate(batch, pad_id, pad_to=None):
     在右边用 pad_id（<|endoftext|>）填充到本批最长（或 pad_to）：每条短信的真实 token 都从位置 0 开始，
     位置嵌入和预训练时一样；因果掩码下真实 token 看不见它后面的填充，所以填充不改变它们的输出。
     如果在左边填充，真实 token 就能看见前面那串填充，分类结果会随"这一批最长的是谁"而变。"""
+    # 只填充到本批最长：短信大多只有二三十个 token，统统填到上下文长度会多算好几倍的无用功
     width = pad_to or max(len(ids) for ids, _ in batch)
+    # 先整块填成 pad_id，再把每条的真实 token 拷到开头：填充自然就落在右边
     x = torch.full((len(batch), width), pad_id, dtype=torch.long)
     for row, (ids, _) in enumerate(batch):
         x[row, :len(ids)] = torch.tensor(ids)
+    # 真实长度要一起带上：模型靠它找到"最后一个真实 token"，均值池化靠它排除填充
     lengths = torch.tensor([len(ids) for ids, _ in batch])
     y = torch.tensor([label for _, label in batch])
     return x, lengths, y
@@ -103,6 +111,7 @@ def batches(examples, batch_size, pad_id, pad_to=None, generator=None):
     """按 batch_size 切批次；给了 generator 就先打乱（训练时每轮顺序都不同，评估时不打乱）。"""
     order = (torch.randperm(len(examples), generator=generator).tolist() if generator is not None
              else range(len(examples)))
+    # 用独立的生成器打乱：顺序只由 --seed 决定，和模型初始化、dropout 用的随机数互不干扰
     order = list(order)
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start:start + batch_size]], pad_id, pad_to)
@@ -121,11 +130,13 @@ class GPTClassifier(nn.Module):
 
     def __init__(self, cfg, labels, token_position="last", causal=True):
         super().__init__()
+        # 先建一个完整的 GPTModel，再把它的部件挂到自己身上：写法最短，参数名也就和它一模一样
         gpt = GPTModel(cfg)
         self.cfg = cfg
         self.tok_emb, self.pos_emb, self.drop_emb = gpt.tok_emb, gpt.pos_emb, gpt.drop_emb
         self.trf_blocks, self.final_norm = gpt.trf_blocks, gpt.final_norm
         self.labels = list(labels)  # 类别名，下标即类别编号：classify 据此把分数翻译成 "spam"/"ham"
+        # 新输出头带偏置：两类样本不一样多时，偏置一项就能学到"先验"，不必挤占词向量的方向
         self.out_head = nn.Linear(cfg["emb_dim"], len(self.labels))
         nn.init.normal_(self.out_head.weight, std=0.02)  # 小的初始权重：开始时各类概率接近均等
         nn.init.zeros_(self.out_head.bias)
@@ -142,11 +153,13 @@ class GPTClassifier(nn.Module):
         for block in self.trf_blocks:
             if isinstance(block.att, BidirectionalAttention):
                 block.att.key_mask = real  # 双向注意力要知道哪些位置是填充，见 BidirectionalAttention
+        # 下面三行与 GPTModel.forward 相同：词嵌入 + 位置嵌入 → 各个块 → 最终 LayerNorm
         positions = torch.arange(seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
         return self.final_norm(self.trf_blocks(x))
 
     def forward(self, in_idx, lengths):
+        # h: (b, T, emb_dim)，每个位置一个向量；分类只要每条短信一个向量，所以要挑（或平均）
         h = self.hidden_states(in_idx, lengths)
         if self.token_position == "last":  # 第 i 条的最后一个真实 token 在位置 lengths[i]-1，不是 -1
             pooled = h[torch.arange(len(h), device=h.device), lengths - 1]
@@ -154,6 +167,7 @@ class GPTClassifier(nn.Module):
             pooled = h[:, 0]
         else:  # mean：所有真实 token 的平均，填充位置不算
             real = (torch.arange(h.shape[1], device=h.device) < lengths[:, None]).unsqueeze(-1)
+            # 除以真实长度而不是 T：否则同一条短信填充得越多，平均值就越被拉向 0
             pooled = (h * real).sum(1) / lengths[:, None]
         return self.out_head(pooled)  # (b, n_classes)
 
@@ -175,6 +189,7 @@ class BidirectionalAttention(nn.Module):
         q, k, v = (w(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
                    for w in (self.W_query, self.W_key, self.W_value))
         # (b, 1, 1, T)：对每个头、每个查询位置都一样，True = 这个键可以被看
+        # 布尔掩码交给 SDPA：False 的位置在 softmax 之前被设成 −∞，权重正好是 0
         mask = self.key_mask[:, None, None, :]
         p = self.dropout.p if self.training else 0.0
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -184,7 +199,9 @@ class BidirectionalAttention(nn.Module):
 def build_classifier(base, labels, token_position="last", causal=True):
     """用 load_init 得到的语言模型 base 搭分类器：除了新的输出头，所有参数从 base 原样复制。"""
     model = GPTClassifier(base.cfg, labels, token_position, causal)
+    # 旧输出头是 emb_dim × 词表大小，新的是 emb_dim × 2：形状不同，只能丢掉旧的、新的从头学
     weights = {k: v for k, v in base.state_dict().items() if not k.startswith("out_head.")}
+    # strict=False 只是为了容忍"缺新输出头"；下一行把其余任何不匹配都当成错误
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # 只允许缺新输出头的两个参数：别的键对不上，说明 base 不是同一种模型
     if set(missing) != {"out_head.weight", "out_head.bias"} or unexpected:
@@ -196,10 +213,13 @@ def set_trainable(model, mode, n_last=1):
     """冻结全部参数，再按 mode 解冻一部分；返回可训练参数的个数。
     head：只训练新输出头；last-n：再加最后 n_last 个块和最终 LayerNorm（last-block 即 n_last=1）；all：全部。
     只训练最后几层：底层学到的"字和词"对分类同样有用，不动它们，几千条短信也不容易过拟合，还省掉大半反向传播。"""
+    # requires_grad=False 的参数不算梯度、不被优化器更新；反向传播到最底层的可训练参数就停
     for param in model.parameters():
         param.requires_grad = mode == "all"
+    # 新输出头总要训练：它是随机初始化的，不训练就只会随机猜
     parts = [model.out_head]
     if mode in ("last-block", "last-n"):
+        # 最终 LayerNorm 紧挨着输出头，它的缩放和平移是为"预测下一个词"调的，换了任务也一起放开
         parts += [model.final_norm, *model.trf_blocks[-n_last:]]
     for part in parts:
         for param in part.parameters():
@@ -219,8 +239,10 @@ def show_positions(model, ids):
     changed = []
     for pos in (0, len(ids) - 1):
         other = x.clone()
+        # 换成相邻编号的另一个 token：只要换了就行，是什么词无所谓
         other[0, pos] = (other[0, pos] + 1) % model.cfg["vocab_size"]
         diff = (model.hidden_states(other, lengths)[0] - base).abs().amax(-1)
+        # 1e-5 的容差：浮点运算的舍入会带来极小的抖动，真正"看得见"的改动要大得多
         changed.append([t for t in range(len(ids)) if diff[t] > 1e-5])
     return changed
 
@@ -270,14 +292,18 @@ def train_epoch(state, s, stop):
             group["lr"] = s.lr * (1 - state.step / total)
         state.step += 1
         x, lengths, y = x.to(state.device), lengths.to(state.device), y.to(state.device)
+        # 两类的交叉熵：和 04 的"下一个词"是同一个损失，只是候选从 2048 个词变成 2 个类别
         loss = F.cross_entropy(state.model(x, lengths), y)
         loss.backward()
+        # 梯度裁剪：新输出头刚开始学时梯度可能很大，别让一步就把预训练好的参数冲乱
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.train_seconds += time.perf_counter() - t0
         state.examples_seen += len(y)
+        # token/s 只数真实 token：填充也要算，但它们不是"读过的文字"，算进去会把速度说得偏高
         state.tokens_seen += int(lengths.sum())
+        # Ctrl-C：当前这一批已经更新完，参数是完整的；回到 finetune 评估并按需保存后再退出
         if stop.requested:
             return False
     return True
@@ -295,6 +321,7 @@ def finetune(state, s):
             scores = {split: evaluate_split(state.model, state.data[split][:limit], EVAL_BATCH,
                                             pad_id, state.device, s.pad_length)
                       for split, limit in (("train", EVAL_TRAIN), ("val", None))}
+            # 只按训练步计时（不含评估）：和 04 打印的 token/s 口径相同
             tok_s = state.tokens_seen / max(state.train_seconds, 1e-9)
             print(f"第 {state.epoch}/{s.epochs} 轮  训练 loss {scores['train']['loss']:.3f} "
                   f"准确率 {scores['train']['acc']:.1%}｜验证 loss {scores['val']['loss']:.3f} "
@@ -308,6 +335,7 @@ def finetune(state, s):
             if not best or (val["acc"], -val["loss"]) > (best["acc"], -best["loss"]):
                 state.best = {"epoch": state.epoch, **val}
                 save_checkpoint(out, classifier_checkpoint(state, s))
+            # 只在验证集变好时才覆盖 best.pt：过拟合的后几轮不会冲掉最好的那一轮
             if not finished:
                 print(f"收到 Ctrl-C：已停止；最好的一轮（第 {state.best['epoch']} 轮）在 {out}")
                 sys.exit(130)
@@ -316,6 +344,7 @@ def finetune(state, s):
 
 def classifier_checkpoint(state, s):
     """分类器检查点：权重 + 分词器 + 类别名 + 怎么取位置、是否因果、截断长度——载入时原样重建。"""
+    # "kind" 让 load_classifier 一眼认出它：04 的预训练检查点也有 config、model，但没有分类头
     return {"kind": "classifier", "config": state.model.cfg, "model": state.model.state_dict(),
             "tokenizer": tokenizer_record(state.tokenizer), "labels": state.model.labels,
             "token_position": s.token_position, "causal": not s.no_causal_mask,
@@ -340,6 +369,7 @@ def bow_baseline(train_rows, test_rows, n_classes, unit, steps=300, lr=0.5, l2=1
         for u in bow_units(text, unit):
             counts[u] = counts.get(u, 0) + 1
     # 只出现在一条文本里的字词对别的文本没有帮助，去掉；最多留 20000 个最常见的
+    # 按出现次数排序再截断：留下最常见的特征，结果也不随集合的遍历顺序变化
     vocab = {u: i for i, u in enumerate(sorted((u for u, c in counts.items() if c >= 2),
                                               key=lambda u: -counts[u])[:20000])}
 
@@ -362,8 +392,10 @@ def bow_baseline(train_rows, test_rows, n_classes, unit, steps=300, lr=0.5, l2=1
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         p[np.arange(n), y] -= 1  # softmax 交叉熵对 logits 的梯度 = p − onehot(y)
+        # Xᵀ(p − y)：每个特征的梯度 = 含有它的那些文本的 (p − y) 之和，bincount 一次算完一个类别
         grad_W = np.stack([np.bincount(flat, weights=p[owner, c], minlength=len(vocab))
                            for c in range(n_classes)], axis=1) / n + l2 * W
+        # 特征只取 0/1、又有 L2 正则，损失是凸的：固定学习率的梯度下降几百步就收敛，不必用 Adam
         W -= lr * grad_W
         b -= lr * p.mean(0)
     flat, owner, n = features(test_rows)
@@ -374,6 +406,7 @@ def bow_baseline(train_rows, test_rows, n_classes, unit, steps=300, lr=0.5, l2=1
 def baselines(rows, labels, unit):
     """三个基线在测试集上的准确率：随机猜、总猜训练集里最多的类、词袋逻辑回归。"""
     train_labels = [label for _, label in rows["train"]]
+    # 多数类按训练集定、在测试集上数：和模型一样，不许偷看测试集的标签比例
     majority = max(range(len(labels)), key=train_labels.count)
     test_labels = [label for _, label in rows["test"]]
     return {"随机猜（期望）": 1 / len(labels),
@@ -387,6 +420,7 @@ def baselines(rows, labels, unit):
 
 def load_classifier(path):
     """本章写出的 best.pt → (model, tokenizer, labels)。04 的预训练检查点等别的文件：一行中文报错。"""
+    # load_checkpoint（04）已经挡住了不存在、损坏、不是 torch 检查点的文件；这里再认一认种类
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classifier":
         raise UserError(f"{path} 不是本章写出的分类器检查点（可能是 04 的预训练检查点）；"
@@ -407,9 +441,11 @@ def classify(model, tokenizer, texts, batch_size=64):
         raise UserError("要分类的文本是空的")
     model.eval()
     device = next(model.parameters()).device
+    # 类别随便填个 0：collate 需要它，预测用不上；超出上下文的部分截掉（模型的位置嵌入只有这么长）
     examples = encode_rows(tokenizer, [(text, 0) for text in texts], model.cfg["context_length"])
     results = []
     for x, lengths, _ in batches(examples, batch_size, tokenizer.eot_token):
+        # softmax 把两个分数变成两类的概率；返回较大的那个，读者一眼看出模型有多确定
         probs = torch.softmax(model(x.to(device), lengths.to(device)).float(), dim=-1)
         best, index = probs.max(dim=-1)
         results += [(model.labels[i], p) for i, p in zip(index.tolist(), best.tolist())]
@@ -424,6 +460,7 @@ def print_predictions(model, tokenizer, texts):
 def use_saved(s):
     """--predict / --interactive：不训练，载入 --out-dir 里的 best.pt 来分类。"""
     model, tokenizer, _ = load_classifier(Path(s.out_dir) / "best.pt")
+    # 分类用不着训练时的设备设置：载入到 --device 上就能用，CPU 上一条短信只要几毫秒
     model.to(resolve_device(s.device))
     if s.predict:
         return print_predictions(model, tokenizer, s.predict)
@@ -448,50 +485,9 @@ PRETRAINED = Path("runs/pretrain/ckpt.pt")  # 04_pretrain.py 默认写出的检�
 EVAL_BATCH, EVAL_TRAIN = 64, 1000
 
 
-def build_parser():
-    p = ArgParser(description="分类任务微调：把 GPT 改成垃圾短信分类器（默认：data/sms 中文短信）")
-    p.add_argument("--dataset", choices=list(LABELS), default="sms-zh",
-                   help="sms-zh=随项目发布的中文短信（默认）；sms-spam=UCI 英文短信（需联网下载）；"
-                        "imdb=IMDb 5 万条影评情感（需联网下载，约 80 MB）")
-    p.add_argument("--data", help="含 train.tsv、val.tsv、test.tsv（每行 标签<TAB>文本）的目录，"
-                                  "标签用 --dataset 的那两个")
-    p.add_argument("--init", default="auto",
-                   help=f"起点：auto=有 {PRETRAINED} 就用它（04 预训练的结果），否则随机初始化（默认）；"
-                        "random；一个 *.pt 检查点；gpt2/gpt2-medium/…=真实 GPT-2 权重（书中的设定）")
-    p.add_argument("--model", choices=["tiny", "mini"], help="随机初始化时的模型尺寸（默认 mini）")
-    p.add_argument("--trainable", nargs="+", metavar="MODE",
-                   help="训练哪些参数：head | last-block | last-n N | all（默认：预训练起点用 last-block，"
-                        "随机起点用 all——冻住随机参数没有意义）")
-    p.add_argument("--token-position", choices=["last", "first", "mean"], default="last",
-                   help="用哪个位置的输出分类（默认 last：只有它看过整条文本）")
-    p.add_argument("--pad-to", choices=["longest", "context"], default="longest",
-                   help="填充到本批最长（默认）或模型的整个上下文长度（慢：多算了许多填充；因果掩码下每条的输出不变）")
-    p.add_argument("--no-causal-mask", action="store_true", help="对比实验：去掉因果掩码（双向注意力）")
-    for flag, kind, text in (("--epochs", int, "训练轮数"), ("--batch-size", int, "每批几条"),
-                             ("--lr", float, "AdamW 峰值学习率（之后线性降到 0）"),
-                             ("--weight-decay", float, "AdamW 权重衰减"),
-                             ("--drop-rate", float, "微调时的 dropout 概率"),
-                             ("--seed", int, "随机种子，CPU 上完全可复现"),
-                             ("--compare-epochs", int, "--compare 时每组训练几轮")):
-        key = flag[2:].replace("-", "_")
-        quick = f"，--quick 时 {QUICK[key]}" if key in QUICK else ""
-        p.add_argument(flag, type=kind, help=f"{text}（默认 {DEFAULTS[key]}{quick}）")
-    p.add_argument("--max-length", type=int, help="每条文本最多保留几个 token（默认：模型的上下文长度）")
-    p.add_argument("--limit", type=int, help="每个划分最多用几条（先打乱再取；--quick 时 300）")
-    p.add_argument("--out-dir", default="runs/classify", help="best.pt（验证集上最好的一轮）的目录")
-    p.add_argument("--predict", action="append", metavar="TEXT",
-                   help="不训练：用 out-dir 的 best.pt 给这段文本分类（可给多次）")
-    p.add_argument("--interactive", action="store_true", help="不训练：在终端里逐条输入、分类")
-    p.add_argument("--compare", action="store_true",
-                   help="对比实验：取位置、训练哪些层、填充、因果掩码，各训练 --compare-epochs 轮，打印一张表")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="计算设备，auto = cuda > mps > cpu")
-    p.add_argument("--quick", action="store_true", help="冒烟测试：tiny 随机模型、每个划分 300 条、2 轮")
-    return p
-
-
 def make_settings(args):
     """默认值 < --quick 的取值 < 命令行显式给出的值；--trainable 解析成 (模式, 块数)。"""
+    # 先让所有键都在（没给的是 None），再由低到高一层层盖上去：和 04 的 make_settings 同一个思路
     merged = dict(vars(args))
     for layer in (DEFAULTS, QUICK if args.quick else {},
                   {k: v for k, v in vars(args).items() if v is not None}):
@@ -502,33 +498,6 @@ def make_settings(args):
     s.model = s.model or "mini"
     s.trainable = parse_trainable(s.trainable)
     return s
-
-
-def parse_trainable(words):
-    """["last-n", "2"] → ("last-n", 2)；["last-block"] → ("last-n", 1)；None → None（自动选）。"""
-    if words is None:
-        return None
-    mode, rest = words[0], words[1:]
-    if mode in ("head", "all", "last-block") and not rest:
-        return ("last-n", 1) if mode == "last-block" else (mode, 0)
-    if mode == "last-n" and len(rest) == 1 and rest[0].isdigit() and int(rest[0]) >= 1:
-        return ("last-n", int(rest[0]))
-    raise UserError(f"--trainable 应为 head、last-block、last-n N（N ≥ 1）或 all，收到 {' '.join(words)}")
-
-
-def check_args(s):
-    """开工之前检查每个数值设置（负数、零、NaN、大得离谱），以及文件和目录。"""
-    limits = {"epochs": (1, 10_000), "batch_size": (1, 4096), "lr": (1e-8, 1),
-              "weight_decay": (0, 1), "drop_rate": (0, 0.9), "seed": (0, 2**32 - 1),
-              "compare_epochs": (1, 1000),
-              "max_length": (1, 1 << 20), "limit": (1, 10**9)}
-    for key, (low, high) in limits.items():
-        if getattr(s, key) is not None:
-            check_range(f"--{key.replace('_', '-')}", getattr(s, key), low, high)
-    if Path(s.out_dir).exists() and not Path(s.out_dir).is_dir():
-        raise UserError(f"--out-dir {s.out_dir} 已存在，但不是目录")
-    if s.predict and any(not text.strip() for text in s.predict):
-        raise UserError("--predict 的文本是空的")
 
 
 def resolve_init(s):
@@ -547,6 +516,7 @@ def load_rows(s, labels):
     """三个划分的原始行。--limit：每个划分先按种子打乱再取前 N 条（类别比例大致不变）。"""
     folder = Path(s.data) if s.data else (DATA_DIR / "sms" if s.dataset == "sms-zh"
                                           else prepare_dataset(s.dataset))
+    # 三个划分都是现成的文件：划分固定，换机器、换种子，测试集都是同样的 600 条
     rows = {split: read_tsv(folder / f"{split}.tsv", labels) for split in SPLITS}
     if s.limit:
         rng = random.Random(s.seed)
@@ -562,6 +532,7 @@ def build_finetune(s, quiet=False):
     labels = LABELS[s.dataset]
     rows = load_rows(s, labels)
     torch.manual_seed(s.seed)
+    # 一行载入起点（04 的 load_init）：随机、04 的检查点、GPT-2 都走这里，分词器跟着起点走
     base, tokenizer, cfg = load_init(init, device, s.model)
     if (s.max_length or 0) > cfg["context_length"]:
         raise UserError(f"--max-length {s.max_length} 超过模型的上下文长度 {cfg['context_length']}")
@@ -571,11 +542,13 @@ def build_finetune(s, quiet=False):
     # dropout 只在微调时打开（预训练的检查点里是 0）：几千条短信很容易被背下来，它是最省事的正则化
     base.cfg = dict(base.cfg, drop_rate=s.drop_rate)
     model = build_classifier(base, labels, s.token_position, not s.no_causal_mask)
+    # 语言模型本身不再需要：参数已复制进分类器，删掉它省一份内存（GPT-2 时有几百 MB）
     del base
     mode, n_last = s.trainable or (("all", 0) if init == "random" else ("last-n", 1))
     if n_last > cfg["n_layers"]:
         raise UserError(f"--trainable last-n {n_last} 超过模型的层数 {cfg['n_layers']}")
     n_train = set_trainable(model, mode, n_last)
+    # 只把可训练的参数交给优化器；和 04 一样，只对矩阵做权重衰减，偏置和 LayerNorm 不衰减
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -780,6 +753,76 @@ def prepare_dataset(name, seed=123):
     print(f"{name}：{len(rows):,} 条 → {folder}"
           f"（train/val/test = {cut1}/{cut2 - cut1}/{len(rows) - cut2}）")
     return folder
+
+
+# —— 命令行：每个旗标的中文说明，开工前的范围检查 ——
+def build_parser():
+    p = ArgParser(description="分类任务微调：把 GPT 改成垃圾短信分类器（默认：data/sms 中文短信）")
+    p.add_argument("--dataset", choices=list(LABELS), default="sms-zh",
+                   help="sms-zh=随项目发布的中文短信（默认）；sms-spam=UCI 英文短信（需联网下载）；"
+                        "imdb=IMDb 5 万条影评情感（需联网下载，约 80 MB）")
+    p.add_argument("--data", help="含 train.tsv、val.tsv、test.tsv（每行 标签<TAB>文本）的目录，"
+                                  "标签用 --dataset 的那两个")
+    p.add_argument("--init", default="auto",
+                   help=f"起点：auto=有 {PRETRAINED} 就用它（04 预训练的结果），否则随机初始化（默认）；"
+                        "random；一个 *.pt 检查点；gpt2/gpt2-medium/…=真实 GPT-2 权重（书中的设定）")
+    p.add_argument("--model", choices=["tiny", "mini"], help="随机初始化时的模型尺寸（默认 mini）")
+    p.add_argument("--trainable", nargs="+", metavar="MODE",
+                   help="训练哪些参数：head | last-block | last-n N | all（默认：预训练起点用 last-block，"
+                        "随机起点用 all——冻住随机参数没有意义）")
+    p.add_argument("--token-position", choices=["last", "first", "mean"], default="last",
+                   help="用哪个位置的输出分类（默认 last：只有它看过整条文本）")
+    p.add_argument("--pad-to", choices=["longest", "context"], default="longest",
+                   help="填充到本批最长（默认）或模型的整个上下文长度（慢：多算了许多填充；因果掩码下每条的输出不变）")
+    p.add_argument("--no-causal-mask", action="store_true", help="对比实验：去掉因果掩码（双向注意力）")
+    for flag, kind, text in (("--epochs", int, "训练轮数"), ("--batch-size", int, "每批几条"),
+                             ("--lr", float, "AdamW 峰值学习率（之后线性降到 0）"),
+                             ("--weight-decay", float, "AdamW 权重衰减"),
+                             ("--drop-rate", float, "微调时的 dropout 概率"),
+                             ("--seed", int, "随机种子，CPU 上完全可复现"),
+                             ("--compare-epochs", int, "--compare 时每组训练几轮")):
+        key = flag[2:].replace("-", "_")
+        quick = f"，--quick 时 {QUICK[key]}" if key in QUICK else ""
+        p.add_argument(flag, type=kind, help=f"{text}（默认 {DEFAULTS[key]}{quick}）")
+    p.add_argument("--max-length", type=int, help="每条文本最多保留几个 token（默认：模型的上下文长度）")
+    p.add_argument("--limit", type=int, help="每个划分最多用几条（先打乱再取；--quick 时 300）")
+    p.add_argument("--out-dir", default="runs/classify", help="best.pt（验证集上最好的一轮）的目录")
+    p.add_argument("--predict", action="append", metavar="TEXT",
+                   help="不训练：用 out-dir 的 best.pt 给这段文本分类（可给多次）")
+    p.add_argument("--interactive", action="store_true", help="不训练：在终端里逐条输入、分类")
+    p.add_argument("--compare", action="store_true",
+                   help="对比实验：取位置、训练哪些层、填充、因果掩码，各训练 --compare-epochs 轮，打印一张表")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="计算设备，auto = cuda > mps > cpu")
+    p.add_argument("--quick", action="store_true", help="冒烟测试：tiny 随机模型、每个划分 300 条、2 轮")
+    return p
+
+
+def parse_trainable(words):
+    """["last-n", "2"] → ("last-n", 2)；["last-block"] → ("last-n", 1)；None → None（自动选）。"""
+    if words is None:
+        return None
+    mode, rest = words[0], words[1:]
+    if mode in ("head", "all", "last-block") and not rest:
+        return ("last-n", 1) if mode == "last-block" else (mode, 0)
+    if mode == "last-n" and len(rest) == 1 and rest[0].isdigit() and int(rest[0]) >= 1:
+        return ("last-n", int(rest[0]))
+    raise UserError(f"--trainable 应为 head、last-block、last-n N（N ≥ 1）或 all，收到 {' '.join(words)}")
+
+
+def check_args(s):
+    """开工之前检查每个数值设置（负数、零、NaN、大得离谱），以及文件和目录。"""
+    limits = {"epochs": (1, 10_000), "batch_size": (1, 4096), "lr": (1e-8, 1),
+              "weight_decay": (0, 1), "drop_rate": (0, 0.9), "seed": (0, 2**32 - 1),
+              "compare_epochs": (1, 1000),
+              "max_length": (1, 1 << 20), "limit": (1, 10**9)}
+    for key, (low, high) in limits.items():
+        if getattr(s, key) is not None:
+            check_range(f"--{key.replace('_', '-')}", getattr(s, key), low, high)
+    if Path(s.out_dir).exists() and not Path(s.out_dir).is_dir():
+        raise UserError(f"--out-dir {s.out_dir} 已存在，但不是目录")
+    if s.predict and any(not text.strip() for text in s.predict):
+        raise UserError("--predict 的文本是空的")
 
 
 # ===== 附录：前几章的部件（逐字复制，读过前几章可以跳过）=====
