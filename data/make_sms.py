@@ -15,7 +15,7 @@ from pathlib import Path
 
 SMS_DIR = Path(__file__).resolve().parent / "sms"
 SPLIT_SEED, GEN_SEED, GEN_COUNT = 2024, 0, 2000
-TEST_SHARE, VAL_SHARE = 0.25, 0.10  # 手写短信里各取多少做测试集、验证集；其余和生成的一起做训练集
+TEST_SHARE, VAL_SHARE = 0.20, 0.10  # 手写短信里各取多少做测试集、验证集；其余和生成的一起做训练集
 
 # ---- 词槽 ----
 SLOTS = {
