@@ -516,7 +516,7 @@ def load_rows(s, labels):
     """三个划分的原始行。--limit：每个划分先按种子打乱再取前 N 条（类别比例大致不变）。"""
     folder = Path(s.data) if s.data else (DATA_DIR / "sms" if s.dataset == "sms-zh"
                                           else prepare_dataset(s.dataset))
-    # 三个划分都是现成的文件：划分固定，换机器、换种子，测试集都是同样的 600 条
+    # 三个划分都是现成的文件：划分固定，换机器、换种子，测试集都是同样的 688 条
     rows = {split: read_tsv(folder / f"{split}.tsv", labels) for split in SPLITS}
     if s.limit:
         rng = random.Random(s.seed)
