@@ -14,6 +14,8 @@ INTENDED_VARIANTS = {
     # 05 起复制 04 的融合内核版：理由写得一字不差，这几份就归为一组，组内仍须逐字相同
     ("LayerNorm", "05_finetune_cls.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
     ("GELU", "05_finetune_cls.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
+    ("LayerNorm", "06_finetune_instruct.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
+    ("GELU", "06_finetune_instruct.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
 }
 
 # 每个脚本自己的命令行入口与默认设置：名字相同是约定，内容本来就各不相同
