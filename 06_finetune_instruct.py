@@ -203,7 +203,7 @@ class InstructState:
     device: torch.device
     generator: torch.Generator    # 打乱训练集专用
     step: int = 0
-    tokens_seen: int = 0          # 参与损失的 token（不含 -100）
+    tokens_seen: int = 0          # 读过的真实 token（提示词 + 回答，不含填充）
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
 
@@ -220,7 +220,7 @@ def evaluate_loss(state, s, split, limit=200):
     state.model.eval()
     examples = state.data[split][:limit]
     losses = [batch_loss(state.model, *collate_instruct(examples[i:i + s.batch_size], state.tokenizer.eot_token,
-                                               CONTEXT, s.mask_instruction), state.device).item()
+                                               s.context, s.mask_instruction), state.device).item()
               for i in range(0, len(examples), s.batch_size)]
     state.model.train()
     return sum(losses) / len(losses)
@@ -239,7 +239,7 @@ def train_instruct(state, s):
             for start in range(0, len(order), s.batch_size):
                 t0 = time.perf_counter()
                 x, y = collate_instruct([examples[i] for i in order[start:start + s.batch_size]], pad_id,
-                               CONTEXT, s.mask_instruction)
+                               s.context, s.mask_instruction)
                 # 预热 warmup 步，然后线性降到 0：和 04、05 的做法一样
                 lr = s.lr * min(1.0, (state.step + 1) / s.warmup_steps) * (1 - state.step / total)
                 for group in state.optimizer.param_groups:
@@ -251,7 +251,8 @@ def train_instruct(state, s):
                 state.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.train_seconds += time.perf_counter() - t0
-                state.tokens_seen += int((y != IGNORE).sum())
+                # 和 04 同一口径：真实 token 都要前向、反向（填充不算）；-100 只是不进损失，计算一样要做
+                state.tokens_seen += int((x != pad_id).sum())
                 row = {"step": state.step, "epoch": epoch + 1, "tokens_seen": state.tokens_seen,
                        "lr": lr, "train_loss": loss.item()}
                 if state.step % s.eval_every == 0 or state.step == total:
@@ -417,6 +418,8 @@ def build_state(s):
     if extend_context(model, CONTEXT):
         print(f"位置嵌入：{init} 只学过 {cfg['context_length']} 个位置，加长到 {CONTEXT}（新位置随机初始化）")
     model.cfg = dict(model.cfg, drop_rate=s.drop_rate)
+    # 截断长度跟着模型走：mini 是 128；GPT-2 有 1024 个位置，书中的长回答也放得下
+    s.context = model.cfg["context_length"]
     for module in model.modules():  # 预训练检查点里 dropout 是 0；微调时按 --drop-rate 重设
         if isinstance(module, nn.Dropout):
             module.p = s.drop_rate
@@ -430,7 +433,7 @@ def build_state(s):
                           torch.Generator().manual_seed(s.seed))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"数据：训练 {len(data['train']):,} 条、验证 {len(data['val']):,}、测试 {len(data['test']):,}；"
-          f"模型 {model.cfg['n_layers']} 层、宽 {model.cfg['emb_dim']}、上下文 {CONTEXT}，"
+          f"模型 {model.cfg['n_layers']} 层、宽 {model.cfg['emb_dim']}、上下文 {s.context}，"
           f"{n_params:,} 个参数，全部训练")
     return state, splits
 
@@ -731,7 +734,7 @@ def plot_losses(path, history):
     for key, label in (("eval_train_loss", "train"), ("eval_val_loss", "val")):
         rows = [r for r in history if key in r]
         ax.plot([r["tokens_seen"] for r in rows], [r[key] for r in rows], "o-", label=label)
-    ax.set_xlabel("tokens seen (answer + prompt tokens in the loss)")
+    ax.set_xlabel("tokens seen (prompt + answer, no padding)")
     ax.set_ylabel("cross-entropy loss")
     ax.legend()
     fig.tight_layout()
