@@ -2,12 +2,12 @@
 
 本章你会学到：
 - 为什么低秩就够：全参数微调后的 ΔW 做奇异值分解，前几个奇异值就占了它大部分"能量"
-- LoRALayer（A 用 Kaiming 均匀初始化、B 全零、输出乘 α/r）和包住冻结 nn.Linear 的 LinearWithLoRA
+- LoRALayer（A 用 Kaiming 均匀初始化、B 全零、输出乘 α/r）、包住冻结 nn.Linear 的 LinearWithLoRA；词嵌入也能套
 - replace_linear_with_lora：把注意力 / MLP / 全部线性层换成 LoRA 版，可训练参数只剩几个百分点
 - 用 LoRA 微调 05 的垃圾短信分类器，和全参数微调比准确率、参数量、时间、内存（--compare）
 - 合并：把 B·A·α/r 加回 W，推理时零额外开销；只保存 LoRA 权重（小文件），再装回同一个底座
 运行：python 07_lora.py                  # 默认：中文短信，2 核 CPU 约 1.5 分钟
-      python 07_lora.py --quick          # 冒烟：tiny 模型，十几秒
+      python 07_lora.py --quick          # 冒烟：tiny 模型，约 6 秒
       python 07_lora.py --compare        # LoRA 与全参数微调并排比
       python 07_lora.py --rank 1 4 16    # 秩的扫描：每个秩训练一次，打印一张表
       python 07_lora.py --predict "【XX银行】您的账户已冻结，请点击 t.cn/abc 解冻"
@@ -84,13 +84,13 @@ def show_low_rank(model, examples, pad_id, s, ranks=(1, 2, 4, 8, 16)):
     pick = names[0]  # 第一个块的 W_query：细看一个层
     rows, cols = before[pick].shape
     noise = energy_in_top(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), ranks)
-    print(f"\n1. 全参数微调 {s.demo_steps} 步（{time.perf_counter() - t0:.0f} 秒）后，ΔW 的奇异值能量占比：")
-    print("   前 r 个奇异值  " + "".join(f"{f'r={r}':>8}" for r in ranks))
-    print(f"   {pick}（{rows}×{cols}）" + "".join(f"{v:8.1%}" for v in shares[pick]))
     mean = [sum(v[i] for v in shares.values()) / len(shares) for i in range(len(ranks))]
-    print(f"   {len(names)} 个线性层的平均  " + "".join(f"{v:8.1%}" for v in mean))
-    print("   同形状的随机矩阵  " + "".join(f"{v:8.1%}" for v in noise)
-          + "   ← 没有低秩结构时的样子")
+    print(f"\n1. 全参数微调 {s.demo_steps} 步（{time.perf_counter() - t0:.0f} 秒）后，ΔW 的前 r 个奇异值占它能量的比例：")
+    print("  " + "".join(f"{f'r={r}':>8}" for r in ranks))
+    for values, what in ((shares[pick], f"{pick[:-7]} 的 ΔW（{rows}×{cols}）"),
+                         (mean, f"{len(names)} 个线性层的 ΔW 平均"),
+                         (noise, "同形状的随机矩阵：没有低秩结构时的样子")):
+        print("  " + "".join(f"{v:8.1%}" for v in values) + f"   {what}")
     return shares
 
 
@@ -107,13 +107,13 @@ def lora_param_count(cfg, rank, targets):
 
 def show_param_table(cfg, rank, targets):
     """GPT-2 四个尺寸和本章模型：LoRA 要训练多少参数。"""
-    print(f"\n参数账（秩 r={rank}，{TARGET_NAMES[targets]}）：")
-    print("   模型            全部参数      LoRA 参数    占比")
+    print(f"\n参数账（秩 r={rank}，{TARGET_NAMES[targets]}；都按语言模型算，输出头不与词嵌入共享）：")
+    print("        全部参数      LoRA 参数     占比  模型")
     sizes = [(name, dict(MODEL_SIZES[name], vocab_size=50257, qkv_bias=True))
              for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")]
     for name, conf in sizes + [("本章的底座", cfg)]:
         total, lora = lora_param_count(conf, rank, targets)
-        print(f"   {name:<12}{total:>12,}  {lora:>12,}  {lora / total:7.2%}")
+        print(f"  {total:>14,}  {lora:>12,}  {lora / total:7.2%}  {name}")
 
 
 # ===== 2. LoRALayer 与 LinearWithLoRA：W·x 旁边并一条 B·A·x 的小路 =====
