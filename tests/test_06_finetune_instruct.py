@@ -4,6 +4,8 @@ MinHash 与暴力 Jaccard 一致、评审客户端（本机假服务器：两种
 import http.server
 import io
 import json
+import random
+import re
 import subprocess
 import sys
 import threading
@@ -124,7 +126,6 @@ def test_read_entries_defaults_and_errors(mod, tmp_path):
 
 
 def test_minhash_finds_the_same_pairs_as_brute_force_jaccard(mod):
-    import random
     rng = random.Random(0)
     base = ["请把下面这句话翻译成英文", "计算两个数的和并写出过程", "列出三种常见的水果名称", "解释一下什么是光合作用"]
     entries = []
@@ -263,7 +264,6 @@ def test_instruction_generator_is_deterministic_and_splits_are_reproducible(tmp_
     spec.loader.exec_module(mk)
     # 生成器算出的答案和独立的计算一致（从题面里重新读出数字、日期再算一遍）
     import datetime
-    import re
     checked = set()
     for item in items:
         text = item["instruction"] + " " + item["input"]
@@ -307,6 +307,20 @@ def test_instruction_generator_is_deterministic_and_splits_are_reproducible(tmp_
     assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"]
     assert sum(len(v) for v in splits.values()) >= 5000
     assert sum(e["task"] == "open" for e in splits["train"]) >= 200
+    # 每条可验证的测试题都恰好是"留出的那种问法"，训练集和验证集里一条也没有它
+    rng, held, seen = random.Random(0), set(), set()
+    for task, make in mk.TASKS.items():
+        for _ in range(200):
+            for index, (instruction, inp) in enumerate(make(rng)[0]):
+                pattern = tuple("".join("(.+?)" if piece.startswith("{") else re.escape(piece)
+                                        for piece in re.split(r"(\{\w+\})", part)) for part in (instruction, inp))
+                (held if index == mk.HELD_OUT else seen).add((task, pattern))
+    matches = lambda entry, patterns: any(
+        task == entry["task"] and re.fullmatch(a, entry["instruction"]) and re.fullmatch(b, entry["input"])
+        for task, (a, b) in patterns)
+    verifiable = {n: [e for e in v if e["task"] != "open"] for n, v in splits.items()}
+    assert all(matches(e, held) and not matches(e, seen) for e in verifiable["test"])
+    assert not any(matches(e, held) for e in verifiable["train"] + verifiable["val"])
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +428,20 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("错误：--lr")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stdout == "" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_batch_loss_equals_the_full_logits_cross_entropy(mod, mask):
+    # batch_loss 只把要学的位置送进输出头；参照：整批的 logits 都算出来，再让 ignore_index 跳过 -100
+    torch.manual_seed(0)
+    model = mod.GPTModel(dict(mod.model_config("tiny"), vocab_size=128)).eval()
+    batch = [([5, 6, 7, 8, 9, 10], 3), ([11, 12, 13], 2), ([20, 21, 22, 23], 4)]
+    x, y = mod.collate_instruct(batch, pad_id=127, mask_instruction=mask)
+    reference = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    got = mod.batch_loss(model, x, y, torch.device("cpu"))
+    assert got.item() == pytest.approx(reference.item(), rel=1e-6)
+    reference.backward()
+    want = model.out_head.weight.grad.clone()
+    model.zero_grad()
+    mod.batch_loss(model, x, y, torch.device("cpu")).backward()
+    assert torch.allclose(model.out_head.weight.grad, want, atol=1e-7)
