@@ -224,9 +224,10 @@ def evaluate_loss(state, s, split, limit=200):
     """一个划分前 limit 条上的平均损失（文件已打乱，前面的就是随机样本）：够看出走势，又不拖慢训练。"""
     state.model.eval()
     examples = state.data[split][:limit]
-    losses = [batch_loss(state.model, *collate_instruct(examples[i:i + s.batch_size], state.tokenizer.eot_token,
-                                               s.context, s.mask_instruction), state.device).item()
-              for i in range(0, len(examples), s.batch_size)]
+    pad_id = state.tokenizer.eot_token
+    batches = [collate_instruct(examples[i:i + s.batch_size], pad_id, s.context, s.mask_instruction)
+               for i in range(0, len(examples), s.batch_size)]
+    losses = [batch_loss(state.model, x, y, state.device).item() for x, y in batches]
     state.model.train()
     return sum(losses) / len(losses)
 
@@ -243,8 +244,8 @@ def train_instruct(state, s):
             order = torch.randperm(len(examples), generator=state.generator).tolist()
             for start in range(0, len(order), s.batch_size):
                 t0 = time.perf_counter()
-                x, y = collate_instruct([examples[i] for i in order[start:start + s.batch_size]], pad_id,
-                                        s.context, s.mask_instruction)
+                batch = [examples[i] for i in order[start:start + s.batch_size]]
+                x, y = collate_instruct(batch, pad_id, s.context, s.mask_instruction)
                 # 预热 warmup 步，然后线性降到 0：和 04、05 的做法一样
                 lr = s.lr * min(1.0, (state.step + 1) / s.warmup_steps) * (1 - state.step / total)
                 for group in state.optimizer.param_groups:
@@ -264,7 +265,8 @@ def train_instruct(state, s):
                     row["eval_train_loss"] = evaluate_loss(state, s, "train")
                     row["eval_val_loss"] = evaluate_loss(state, s, "val")
                     eta = state.train_seconds / state.step * (total - state.step)
-                    print(f"步 {state.step:>5}/{total}（第 {epoch + 1} 轮）训练 loss {row['eval_train_loss']:.3f}"
+                    print(f"步 {state.step:>5}/{total}（第 {epoch + 1} 轮）"
+                          f"训练 loss {row['eval_train_loss']:.3f}"
                           f"  验证 loss {row['eval_val_loss']:.3f}  lr {lr:.1e}  "
                           f"{state.tokens_seen / state.train_seconds:,.0f} token/s  "
                           f"已用 {state.train_seconds:.0f}s  还要约 {eta:.0f}s", flush=True)
@@ -316,7 +318,8 @@ def respond(model, tokenizer, entries, max_new_tokens=48):
     for entry in entries:
         prompt = tokenizer.encode_ordinary(format_prompt(entry, style))
         # 提示词太长时只留结尾：回答紧跟在"### 回答："后面，开头的说明丢掉影响最小
-        prompt = prompt[-(context - max_new_tokens):] if len(prompt) > context - max_new_tokens else prompt
+        room = context - max_new_tokens
+        prompt = prompt[-room:] if len(prompt) > room else prompt
         idx = torch.tensor([prompt], device=device)
         out = generate(model, idx, max_new_tokens, context, eos_id=tokenizer.eot_token)
         # 只留 vocab 里真实存在的 id：词表补齐到 64 的倍数时，多出来的几个 id 没有对应的字节
@@ -334,7 +337,8 @@ def score_exact(entries, answers):
     table = {}
     for entry, answer in zip(entries, answers):
         right, total = table.get(entry["task"], (0, 0))
-        table[entry["task"]] = (right + (normalize(answer) == normalize(entry["output"])), total + 1)
+        correct = normalize(answer) == normalize(entry["output"])
+        table[entry["task"]] = (right + correct, total + 1)
     return table
 
 
@@ -393,8 +397,8 @@ def evaluate_test(model, tokenizer, splits, s):
 DEFAULTS = {"epochs": 4, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 50,
             "eval_every": 500, "max_new_tokens": 48, "seed": 123, "drop_rate": 0.0,
             "mask_instruction": True}
-QUICK = {"model": "tiny", "epochs": 2, "batch_size": 16, "warmup_steps": 5, "limit": 300, "eval_every": 10,
-         "max_new_tokens": 12}
+QUICK = {"model": "tiny", "epochs": 2, "batch_size": 16, "warmup_steps": 5, "limit": 300,
+         "eval_every": 10, "max_new_tokens": 12}
 
 
 def make_settings(args):
@@ -496,7 +500,8 @@ JUDGE_PROMPT = ("你是严格的阅卷老师。根据指令和参考答案，给
 def post_json(url, payload, timeout, service, headers=None):
     """POST 一个 JSON、读回一个 JSON；连不上、超时、HTTP 错误都变成一行中文（不打印请求头：里面可能有 key）。"""
     request = urllib.request.Request(url, data=json.dumps(payload).encode("utf-8"), method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
@@ -571,7 +576,8 @@ def judge_records(records, ask, path):
         if i % 20 == 0 or i == len(records):
             print(f"  评审：{i}/{len(records)}", flush=True)
     write_json(path, [{**r, "score": sc} for r, sc in zip(records, scores)])
-    for name, keep in (("可验证任务", lambda r: r["task"] != "open"), ("开放式", lambda r: r["task"] == "open")):
+    for name, keep in (("可验证任务", lambda r: r["task"] != "open"),
+                       ("开放式", lambda r: r["task"] == "open")):
         got = [sc for r, sc in zip(records, scores) if keep(r) and sc is not None]
         if got:
             print(f"评审平均分（{name}，{len(got)} 条）：{sum(got) / len(got):.1f} / 100")
@@ -615,7 +621,8 @@ def find_duplicates(entries, threshold=0.7, num_perm=64, bands=16):
         buckets = {}
         for i, key in enumerate(map(bytes, sigs[:, band * rows:(band + 1) * rows])):
             buckets.setdefault(key, []).append(i)
-        candidates |= {(i, j) for ids in buckets.values() for k, i in enumerate(ids) for j in ids[k + 1:]}
+        candidates |= {(i, j) for ids in buckets.values()
+                       for k, i in enumerate(ids) for j in ids[k + 1:]}
     pairs = [(i, j, len(sets[i] & sets[j]) / len(sets[i] | sets[j])) for i, j in sorted(candidates)]
     return [p for p in pairs if p[2] >= threshold]
 
@@ -648,7 +655,8 @@ def parse_entry(text):
         item = json.loads(match.group()) if match else None
     except json.JSONDecodeError:
         return None
-    if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("instruction", "output")):
+    fields = ("instruction", "output")
+    if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in fields):
         return None
     if not item["instruction"].strip() or not item["output"].strip():
         return None
@@ -679,7 +687,9 @@ def improve_data(s):
     for i, entry in enumerate(entries, 1):
         old = parse_score(ask(RATE_PROMPT.format(**entry))) or 0
         new_output = ask(IMPROVE_PROMPT.format(**entry)).strip()
-        new = (parse_score(ask(RATE_PROMPT.format(**{**entry, "output": new_output}))) or 0) if new_output else 0
+        new = 0
+        if new_output:
+            new = parse_score(ask(RATE_PROMPT.format(**{**entry, "output": new_output}))) or 0
         better = new > old
         changed += better
         kept.append({**entry, "output": new_output if better else entry["output"]})
@@ -715,7 +725,8 @@ def write_json(path, data):
     os.replace(tmp, path)  # 先写临时文件再改名：中途出错也不会留下半个 JSON
 
 
-LOSS_FIELDS = ["step", "epoch", "tokens_seen", "lr", "train_loss", "eval_train_loss", "eval_val_loss"]
+LOSS_FIELDS = ["step", "epoch", "tokens_seen", "lr", "train_loss",
+               "eval_train_loss", "eval_val_loss"]
 
 
 def write_loss_csv(path, history):
@@ -755,7 +766,8 @@ def build_parser():
                    help=f"起点：auto=有 {PRETRAINED} 就用它，否则随机初始化（默认）；random；一个 *.pt 检查点；"
                         "gpt2/gpt2-medium/…=真实 GPT-2 权重（书中的设定）")
     p.add_argument("--model", choices=["tiny", "mini"], help="随机初始化时的模型尺寸（默认 mini）")
-    p.add_argument("--prompt-style", choices=["alpaca", "phi3"], default="alpaca", help="提示词模板（默认 alpaca）")
+    p.add_argument("--prompt-style", choices=["alpaca", "phi3"], default="alpaca",
+                   help="提示词模板（默认 alpaca）")
     p.add_argument("--mask-instruction", action=argparse.BooleanOptionalAction,
                    help="提示词部分的目标也换成 -100，只在回答上算损失（默认开：本章的小模型这样学得快一倍；"
                         "--no-mask-instruction 是书中的默认做法，提示词也算损失）")
@@ -808,7 +820,8 @@ def check_args(s):
             raise UserError(f"找不到 --{flag.replace('_', '-')} 的文件 {getattr(s, flag)}")
     if s.improve_data or s.generate_data:
         if s.judge == "none":
-            raise UserError("--generate-data / --improve-data 需要一个模型来写：加上 --judge ollama 或 --judge openai")
+            raise UserError("--generate-data / --improve-data 需要一个模型来写："
+                            "加上 --judge ollama 或 --judge openai")
 
 
 # ===== 附录：前几章的部件（逐字复制，读过前几章可以跳过）=====

@@ -83,7 +83,8 @@ def show_low_rank(model, examples, pad_id, s, ranks=(1, 2, 4, 8, 16)):
     shares = {name: energy_in_top(after[name] - before[name], ranks) for name in names}
     pick = names[0]  # 第一个块的 W_query：细看一个层
     rows, cols = before[pick].shape
-    noise = energy_in_top(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), ranks)
+    noise = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    noise = energy_in_top(noise, ranks)
     mean = [sum(v[i] for v in shares.values()) / len(shares) for i in range(len(ranks))]
     print(f"\n1. 全参数微调 {s.demo_steps} 步（{time.perf_counter() - t0:.0f} 秒）后，ΔW 的前 r 个奇异值占它能量的比例：")
     print("  " + "".join(f"{f'r={r}':>8}" for r in ranks))
@@ -172,7 +173,9 @@ TARGET_NAMES = {"attention": "只换注意力的 4 个线性层", "attention+mlp
 
 def targets_parts(targets):
     """"attention+mlp" → {"attention", "mlp"}；"all" 再加上词嵌入（语言模型还有输出头）。"""
-    return {"attention", "mlp", "embedding", "head"} if targets == "all" else set(targets.split("+"))
+    if targets == "all":
+        return {"attention", "mlp", "embedding", "head"}
+    return set(targets.split("+"))
 
 
 def selected(name, module, targets):
@@ -181,7 +184,8 @@ def selected(name, module, targets):
     if isinstance(module, nn.Embedding):
         return "embedding" in parts and name == "tok_emb"
     return isinstance(module, nn.Linear) and (
-        ("attention" in parts and ".att." in f".{name}.") or ("mlp" in parts and ".ff." in f".{name}.")
+        ("attention" in parts and ".att." in f".{name}.")
+        or ("mlp" in parts and ".ff." in f".{name}.")
         or ("head" in parts and name == "out_head"))
 
 
@@ -258,7 +262,8 @@ def fit(model, setup, s, mode, quiet=False):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=lr)
     data, device = setup.data, setup.device
-    state = ClsState(model, optimizer, setup.tokenizer, data, device, torch.Generator().manual_seed(s.seed))
+    state = ClsState(model, optimizer, setup.tokenizer, data, device,
+                     torch.Generator().manual_seed(s.seed))
     run_s = argparse.Namespace(**{**vars(s), "lr": lr, "pad_length": None})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -274,14 +279,17 @@ def fit(model, setup, s, mode, quiet=False):
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()
                                 if k in trainable_names(model)}
             if not quiet:
-                print(f"  第 {state.epoch}/{s.epochs} 轮  验证 loss {val['loss']:.3f} 准确率 {val['acc']:.1%}"
+                print(f"  第 {state.epoch}/{s.epochs} 轮  验证 loss {val['loss']:.3f} "
+                      f"准确率 {val['acc']:.1%}"
                       f"｜训练用时 {state.train_seconds:.0f}s  "
-                      f"{state.tokens_seen / max(state.train_seconds, 1e-9):,.0f} token/s", flush=True)
+                      f"{state.tokens_seen / max(state.train_seconds, 1e-9):,.0f} token/s",
+                      flush=True)
     model.load_state_dict(best_weights, strict=False)
     memory = training_state_bytes(model, optimizer)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
-    return {"model": model.eval(), "best": best, "seconds": state.train_seconds, "state_bytes": memory,
+    return {"model": model.eval(), "best": best, "seconds": state.train_seconds,
+            "state_bytes": memory,
             "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
             "interrupted": interrupted}
 
@@ -320,13 +328,15 @@ def base_fingerprint(model):
         if name.startswith("out_head.") or ".lora." in name:
             continue
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        raw = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)  # 按字节看：任何 dtype 都行
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()
 
 
 def save_adapter(path, model, meta):
     """只存底座里没有的张量（LoRA 的 A、B + 新分类头）和重建所需的说明：底座是谁、秩、α、换了哪些层。"""
-    weights = {k: v for k, v in model.state_dict().items() if ".lora." in k or k.startswith("out_head.")}
+    weights = {k: v for k, v in model.state_dict().items()
+               if ".lora." in k or k.startswith("out_head.")}
     # 和别的检查点同样有 config、model、tokenizer 三项（load_checkpoint 认这三项），只是 model 里只有这一小部分
     save_checkpoint(path, {"kind": "lora-adapter", **meta, "config": model.cfg, "model": weights})
 
@@ -336,7 +346,8 @@ def attach_adapter(model, ckpt, where):
     if base_fingerprint(model) != ckpt["base"]["fingerprint"]:
         raise UserError(f"{where} 是在另一个底座（{ckpt['base']['init']}）上训练的 LoRA 权重，"
                         "和现在的底座对不上；用 --init 指定训练时的底座，或重新训练")
-    replace_linear_with_lora(model, ckpt["rank"], ckpt["alpha"], classifier_targets(ckpt["targets"]))
+    targets = classifier_targets(ckpt["targets"])
+    replace_linear_with_lora(model, ckpt["rank"], ckpt["alpha"], targets)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     frozen = {name for name, _ in model.named_parameters()} - set(ckpt["model"])
     if unexpected or set(missing) != frozen:
@@ -351,7 +362,8 @@ def load_classifier(path, init=None, device="cpu"):
         raise UserError(f"{path} 不是本章写出的 LoRA 文件；先运行 07_lora.py 训练一个")
     base_spec = ckpt["base"]
     torch.manual_seed(base_spec["seed"])  # 随机底座靠种子重建：同一个种子，同一组权重
-    base, tokenizer, _ = load_init(init or base_spec["init"], resolve_device(device), base_spec["model"])
+    base, tokenizer, _ = load_init(init or base_spec["init"], resolve_device(device),
+                                   base_spec["model"])
     model = build_classifier(base, ckpt["labels"])
     attach_adapter(model, ckpt, path)
     return model.eval(), tokenizer, model.labels
@@ -418,7 +430,8 @@ def build_base(s):
 
 
 def test_accuracy(model, setup):
-    return evaluate_split(model, setup.data["test"], EVAL_BATCH, setup.tokenizer.eot_token, setup.device)["acc"]
+    pad_id = setup.tokenizer.eot_token
+    return evaluate_split(model, setup.data["test"], EVAL_BATCH, pad_id, setup.device)["acc"]
 
 
 def run_default(s):
@@ -530,10 +543,12 @@ def compare_with_full(s):
     print(f"对比：各训练 {s.epochs} 轮，测试集 {len(setup.data['test']):,} 条")
     print(f"  {'方式':<22}{'测试准确率':>8}{'可训练参数':>14}{'占比':>8}{'训练用时':>8}  {what}")
     rank, alpha = s.rank[0], s.alpha[0]
-    for name, mode, lr in ((f"LoRA r={rank} α={alpha:g}", "lora", s.lr), ("全参数微调", "full", s.full_lr)):
+    for name, mode, lr in ((f"LoRA r={rank} α={alpha:g}", "lora", s.lr),
+                           ("全参数微调", "full", s.full_lr)):
         r = trial(setup, s, mode, rank, alpha)
         print(f"  {name + f'（lr {lr:g}）':<22}{r['acc']:>10.1%}{r['n_train']:>14,}"
-              f"{r['n_train'] / r['n_total']:>9.2%}{r['seconds']:>9.0f}s  {r['memory'] / 2**20:.1f} MB",
+              f"{r['n_train'] / r['n_total']:>9.2%}{r['seconds']:>9.0f}s  "
+              f"{r['memory'] / 2**20:.1f} MB",
               flush=True)
 
 
@@ -546,7 +561,8 @@ def sweep(s):
         for alpha in s.alpha:
             r = trial(setup, s, "lora", rank, alpha)
             print(f"  {rank:>4}  {alpha:>6g}  {alpha / rank:>5.2g}  {r['n_train']:>10,}  "
-                  f"{r['n_train'] / r['n_total']:>6.2%}  {r['acc']:>9.1%}  {r['seconds']:>6.0f}s", flush=True)
+                  f"{r['n_train'] / r['n_total']:>6.2%}  {r['acc']:>9.1%}  {r['seconds']:>6.0f}s",
+                  flush=True)
 
 
 def use_adapter(s):
