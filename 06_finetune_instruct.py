@@ -7,7 +7,7 @@
 - 从 04 的检查点（或随机初始化、或 GPT-2）开始全参数微调；位置不够长时给位置嵌入表添行
 - 贪心生成回答，按任务类型算"完全匹配"，和两个平凡基线（照抄输入、总答最常见的答案）放在一起
 - 进阶：用本地 Ollama 或 OpenAI 兼容接口当评审打分；数据工具：查近似重复、生成与改进数据
-运行：python 06_finetune_instruct.py          # 默认：2 核 CPU 约 4.5 分钟
+运行：python 06_finetune_instruct.py          # 默认：2 核 CPU 约 5 分钟
       python 06_finetune_instruct.py --quick  # 冒烟：tiny 模型，约 15 秒
       python 06_finetune_instruct.py --interactive   # 和训练好的模型对话
 """
