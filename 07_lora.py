@@ -199,6 +199,7 @@ def replace_linear_with_lora(model, rank, alpha, targets="attention+mlp"):
     # 先列出再替换：一边遍历 named_modules 一边改模型，会把刚换上的 LoRA 层也遍历进去
     chosen = [(name, m) for name, m in model.named_modules() if selected(name, m, targets)]
     for name, layer in chosen:
+        # "trf_blocks.0.att.W_query" → 在 trf_blocks.0.att 上把属性 W_query 换掉：原来的层被包进新层里
         parent, _, child = name.rpartition(".")
         wrap = EmbeddingWithLoRA if isinstance(layer, nn.Embedding) else LinearWithLoRA
         setattr(model.get_submodule(parent), child, wrap(layer, rank, alpha))
@@ -206,6 +207,7 @@ def replace_linear_with_lora(model, rank, alpha, targets="attention+mlp"):
 
 
 def trainable_summary(model):
+    # 分类头、LoRA 的 A 和 B 都算可训练；冻结的底座计入总数，占比才是"改动了模型的百分之几"
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return n_train, sum(p.numel() for p in model.parameters())
 
@@ -255,7 +257,9 @@ def training_state_bytes(model, optimizer):
 def fit(model, setup, s, mode, quiet=False):
     """训练 s.epochs 轮（05 的 train_epoch），每轮看验证集，最后退回验证集最好的那一轮。
     返回 {"model", "best", "seconds", "state_bytes", "tokens_per_s"}。Ctrl-C 时带着最好的一轮返回。"""
+    # LoRA 的 B 从 0 出发、参数又少，要比全参数微调大几倍的学习率才走得动（两者各用各的，--compare 才公平）
     lr = s.lr if mode == "lora" else s.full_lr
+    # 只把 requires_grad 的参数交给优化器：冻结的底座没有 AdamW 状态，内存就省在这里
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     other = [p for p in trainable if p.dim() < 2]
@@ -264,6 +268,7 @@ def fit(model, setup, s, mode, quiet=False):
     data, device = setup.data, setup.device
     state = ClsState(model, optimizer, setup.tokenizer, data, device,
                      torch.Generator().manual_seed(s.seed))
+    # 05 的 train_epoch 从 s 里读学习率和填充长度：给它一份换了学习率的设置，函数本身原样复用
     run_s = argparse.Namespace(**{**vars(s), "lr": lr, "pad_length": None})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -273,6 +278,7 @@ def fit(model, setup, s, mode, quiet=False):
             interrupted = not train_epoch(state, run_s, stop)
             state.epoch += 1
             val = evaluate_split(model, data["val"], EVAL_BATCH, setup.tokenizer.eot_token, device)
+            # 先比准确率、打平再比损失（和 05 一样）：几百条验证短信上准确率常常相同
             if best is None or (val["acc"], -val["loss"]) > (best["acc"], -best["loss"]):
                 best = {"epoch": state.epoch, **val}
                 # 只记下可训练的那部分：LoRA 时是几万个数，全参数微调时是整个模型
@@ -284,6 +290,7 @@ def fit(model, setup, s, mode, quiet=False):
                       f"｜训练用时 {state.train_seconds:.0f}s  "
                       f"{state.tokens_seen / max(state.train_seconds, 1e-9):,.0f} token/s",
                       flush=True)
+    # strict=False：best_weights 只有可训练的那部分，冻结的底座本来就没变
     model.load_state_dict(best_weights, strict=False)
     memory = training_state_bytes(model, optimizer)
     if device.type == "cuda":
@@ -315,7 +322,7 @@ def merge_lora(model):
         else:
             merged = copy.deepcopy(m.linear)
             merged.weight.copy_(m.linear.weight + delta)
-        merged.requires_grad_(False)
+        merged.requires_grad_(False)  # 合并后的模型只用来推理
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, merged)
     return model
@@ -358,6 +365,7 @@ def attach_adapter(model, ckpt, where):
 def load_classifier(path, init=None, device="cpu"):
     """本章写出的 adapter.pt → (model, tokenizer, labels)：按记录重建底座（或用 init 指定的），装上 LoRA。"""
     ckpt = load_checkpoint(path)
+    # 05 的 best.pt、04 的预训练检查点也有 config/model/tokenizer：靠 kind 认出本章的 LoRA 文件
     if ckpt.get("kind") != "lora-adapter":
         raise UserError(f"{path} 不是本章写出的 LoRA 文件；先运行 07_lora.py 训练一个")
     base_spec = ckpt["base"]
@@ -417,13 +425,15 @@ def build_base(s):
     if max_length > cfg["context_length"]:
         raise UserError(f"--max-length {max_length} 超过模型的上下文长度 {cfg['context_length']}")
     s.max_length = max_length
-    fingerprint = base_fingerprint(base)  # 在改动任何东西之前记下底座是谁
+    # 在改动任何东西之前记下底座是谁：LoRA 的 A、B 只有装回这组权重上才有意义
+    fingerprint = base_fingerprint(base)
     base.cfg = dict(base.cfg, drop_rate=s.drop_rate)
     classifier = build_classifier(base, LABELS["sms-zh"])
     for module in classifier.modules():  # 预训练检查点里 dropout 是 0；微调时按 --drop-rate 重设
         if isinstance(module, nn.Dropout):
             module.p = s.drop_rate
     data = {split: encode_rows(tokenizer, r, max_length) for split, r in rows.items()}
+    # 随机底座不存权重，只存"怎么重建它"（起点、种子、尺寸）；指纹负责核对重建得对不对
     meta = {"base": {"init": init, "seed": s.seed, "model": s.model, "fingerprint": fingerprint},
             "labels": classifier.labels, "max_length": max_length}
     return Setup(classifier, tokenizer, data, rows, device, meta)
@@ -448,6 +458,7 @@ def run_default(s):
     print(f"\n2. 换上 LoRA（r={rank}，α={alpha:g}，缩放 α/r={alpha / rank:g}，{TARGET_NAMES[s.targets]}）："
           f"可训练 {n_train:,} / {n_total:,} 个参数（{n_train / n_total:.2%}，含分类头 "
           f"{sum(p.numel() for p in model.out_head.parameters()):,} 个）")
+    # B = 0 时模型就是底座加一个没学过的分类头：这个数是"什么都没学"的基线
     before = test_accuracy(model, setup)
     print(f"\n3. 训练 LoRA {s.epochs} 轮（学习率 {s.lr:g}）：")
     result = fit(model, setup, s, "lora")
@@ -461,6 +472,7 @@ def run_default(s):
             "tokenizer": tokenizer_record(setup.tokenizer), "val_acc": result["best"]["acc"],
             "epoch": result["best"]["epoch"]}
     adapter = out_dir / "adapter.pt"
+    # Ctrl-C 时也先存好再退出：fit 已经退回到验证集最好的一轮
     save_adapter(adapter, result["model"], meta)
     if result["interrupted"]:
         print(f"收到 Ctrl-C：最好的一轮（第 {result['best']['epoch']} 轮）的 LoRA 权重已存到 {adapter}")
@@ -483,6 +495,7 @@ def run_default(s):
 def report_merge(model, setup, out_dir, meta, adapter):
     """合并前后在测试集上的 logits 对比；存合并后的完整分类器（05 的格式），和 LoRA 文件比大小。"""
     device = setup.device
+    # 在副本上合并：原模型还要拿来对照；比的是测试集的 logits，训练时一条也没见过
     x, lengths, _ = collate(setup.data["test"][:EVAL_BATCH], setup.tokenizer.eot_token)
     with torch.no_grad():
         unmerged = model(x.to(device), lengths.to(device))
