@@ -18,6 +18,8 @@ INTENDED_VARIANTS = {
     ("GELU", "06_finetune_instruct.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
     ("LayerNorm", "07_lora.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
     ("GELU", "07_lora.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
+    ("LayerNorm", "08_dpo.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
+    ("GELU", "08_dpo.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
     ("load_classifier", "07_lora.py"): "07 载入的是 LoRA 文件：按记录重建底座、核对指纹，再装上 A、B 和分类头",
 }
 
