@@ -27,10 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PREF_DIR = HERE / "preferences"
-SPLIT_SEED, COUNTS = 2026, {"train": 3000, "val": 300, "test": 400}
+SPLIT_SEED, COUNTS = 2026, {"train": 4800, "val": 300, "test": 400}
 HAND_SHARE = {"val": 20, "test": 60}  # 手写的问答对各取多少条进验证集、测试集（其余进训练集）
-# 生成的条目里各种 kind 的比例：一半结果错，一半风格差
-KINDS = ["wrong", "wrong", "wrong", "rude", "evasive", "rambling"]
+KINDS = ["wrong", "rude", "evasive", "rambling"]  # 生成的条目里四种 kind 轮流出，各占四分之一
 
 
 def load_instruction_module():
