@@ -159,7 +159,7 @@ def test_preference_accuracy_matches_rewards_computed_one_pair_at_a_time(mod, qu
         for answer in (item["chosen"], item["rejected"]):
             entry = {**item, "output": answer}
             ids, n_prompt = mod.encode_entry(tokenizer, entry, "alpaca")
-            ids = ids + [tokenizer.eot_token]
+            ids = (ids + [tokenizer.eot_token])[:mod.CONTEXT + 1]  # 和训练时一样截断到上下文长度
             x = torch.tensor([ids[:-1]])
             with torch.no_grad():
                 lp = [F.log_softmax(m(x)[0].double(), -1) for m in (policy, reference)]
