@@ -119,7 +119,7 @@ def show_pair_mask(tokenizer, item, style):
     for row, name in ((0, "chosen"), (1, "rejected")):
         kept = y[row][y[row] != IGNORE].tolist()
         text = tokenizer.decode([t for t in kept if t != tokenizer.eot_token])
-        print(f"  {name:<8} 共 {len(pair[row])} 个 token：提示词 {pair[2]} 个遮成 -100，"
+        print(f"  {name:<8} 共 {len(pair[row])} 个 token：提示词的 {pair[2]} 个不计入（目标是 -100），"
               f"计入对数概率的 {len(kept)} 个 = 「{text}」+ 结束符")
 
 

@@ -246,27 +246,23 @@ def test_preference_splits_are_reproducible_and_test_templates_are_held_out(tmp_
     assert sum(e["task"] == "open" for e in splits["test"]) >= 50
     # 风格差的回答：测试集只用 TEST_STYLES 的说法，训练、验证集只用 TRAIN_STYLES 的
     def style_of(entry, styles):
-        for template in styles[entry["kind"]]:
-            pattern = re.escape(template).replace(re.escape("{a}"), re.escape(entry["chosen"]))
-            if re.fullmatch(pattern, entry["rejected"]):
-                return True
-        return False
+        return any(t.format(a=entry["chosen"]) == entry["rejected"] for t in styles[entry["kind"]])
     generated = {n: [e for e in v if e["task"] != "open"] for n, v in splits.items()}
     styled = {n: [e for e in v if e["kind"] != "wrong"] for n, v in generated.items()}
     assert all(style_of(e, mk.TEST_STYLES) and not style_of(e, mk.TRAIN_STYLES) for e in styled["test"])
     assert all(style_of(e, mk.TRAIN_STYLES) and not style_of(e, mk.TEST_STYLES)
                for e in styled["train"] + styled["val"])
     # 问法：测试集的每条都是留出的第 5 种问法（和 06 的测试集同一种），训练、验证集一条也没有
-    mi, rng, held, seen = mk.MI, random.Random(0), set(), set()
+    mi, rng = mk.MI, random.Random(0)
+    held, seen = ({task: set() for task in mi.TASKS} for _ in range(2))  # 任务 → 问法的正则
     for task, make in mi.TASKS.items():
         for _ in range(200):
             for index, (instruction, inp) in enumerate(make(rng)[0]):
                 pattern = tuple("".join("(.+?)" if piece.startswith("{") else re.escape(piece)
                                         for piece in re.split(r"(\{\w+\})", part)) for part in (instruction, inp))
-                (held if index == mi.HELD_OUT else seen).add((task, pattern))
+                (held if index == mi.HELD_OUT else seen)[task].add(pattern)
     matches = lambda entry, patterns: any(
-        task == entry["task"] and re.fullmatch(a, entry["instruction"]) and re.fullmatch(b, entry["input"])
-        for task, (a, b) in patterns)
+        re.fullmatch(a, entry["instruction"]) and re.fullmatch(b, entry["input"]) for a, b in patterns[entry["task"]])
     assert all(matches(e, held) and not matches(e, seen) for e in generated["test"])
     assert not any(matches(e, held) for e in generated["train"] + generated["val"])
 
