@@ -406,7 +406,7 @@ def is_direct(answer, chosen):
     return len(answer.strip()) <= len(chosen.strip()) + 4
 
 
-def task_effect(policy, reference, tokenizer, items, s):
+def task_effect(policy, reference, tokenizer, items, s, where="测试集"):
     """可验证任务的提示词：参考模型（DPO 之前）和策略（之后）各贪心生成一次，比完全匹配和直接回答的比例。"""
     items = [item for item in items if item["task"] != "open"][:s.eval_prompts]
     entries = [{**item, "output": item["chosen"]} for item in items]
@@ -419,7 +419,7 @@ def task_effect(policy, reference, tokenizer, items, s):
         exact = sum(normalize(a) == normalize(e["output"]) for a, e in zip(answers, entries))
         direct = sum(is_direct(a, e["output"]) for a, e in zip(answers, entries))
         rows[name] = (exact / len(entries), direct / len(entries), answers)
-    print(f"\n测试集里 {len(entries)} 条可验证任务的提示词，两个模型各自贪心作答：")
+    print(f"\n{where}里 {len(entries)} 条可验证任务的提示词，两个模型各自贪心作答：")
     for name, (exact, direct, _) in rows.items():
         print(f"  {name:<14} 完全匹配 {exact:6.1%}   直接回答 {direct:6.1%}")
     return rows
@@ -520,7 +520,7 @@ def evaluate_file(s):
     table = accuracy_by_kind(policy, reference, tokenizer, items, policy.beta)
     print_accuracy_table(table, f"{s.evaluate} 的偏好准确率（{len(items):,} 对）：")
     if any(item["task"] != "open" for item in items):
-        task_effect(policy, reference, tokenizer, items, s)
+        task_effect(policy, reference, tokenizer, items, s, where=s.evaluate)
     return table
 
 
