@@ -20,6 +20,12 @@ INTENDED_VARIANTS = {
     ("GELU", "07_lora.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
     ("LayerNorm", "08_dpo.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
     ("GELU", "08_dpo.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
+    ("LayerNorm", "09_kvcache.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
+    ("GELU", "09_kvcache.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
+    ("MultiHeadAttention", "09_kvcache.py"): "09 加了 KV 缓存（拼接 / 预分配两种）和批量生成用的掩码",
+    ("TransformerBlock", "09_kvcache.py"): "09 把 use_cache、mask 传给带缓存的注意力",
+    ("GPTModel", "09_kvcache.py"): "09 的 forward 多了 use_cache、positions、mask，另有 reset_cache()",
+    ("generate", "09_kvcache.py"): "09 的生成带 KV 缓存：预填充 + 逐词解码，满了跳窗口，支持左侧填充的批量",
     ("load_classifier", "07_lora.py"): "07 载入的是 LoRA 文件：按记录重建底座、核对指纹，再装上 A、B 和分类头",
 }
 
