@@ -13,12 +13,14 @@ import argparse
 import base64
 import copy
 import http.client
+import http.server
 import importlib.util
 import json
 import math
 import mmap
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -244,50 +246,60 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
              use_cache=True, valid=None):
     """自回归生成，返回含提示词的全部 id (b, 提示词长 + 新词数)。use_cache=False 时每步整段重算（对照用）。
     valid：左侧填充的批量输入里哪些位置是真实的词（见 generate_batch）；None = 没有填充。"""
-    model.eval()
+    out = idx
+    for out in decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, valid):
+        pass
+    return out
 
+
+def decode_steps(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                 use_cache=True, valid=None):
+    """generate 的主循环，写成生成器：每生成一个词就交出一次当前的全部 id——网页上的流式输出就靠它。
+    每步：决定窗口、只送进缓存里还没有的词、从最后一个位置挑下一个词。"""
+    model.eval()
     padded = valid is not None
     valid = valid if padded else torch.ones_like(idx, dtype=torch.bool)
     model.reset_cache()
-    with decode_layout(model):  # 进阶：CPU 上把权重转成 (输入, 输出) 的存法，逐词解码快两成
-        idx = decode_loop(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p, eos_id,
-                          use_cache)
-    model.reset_cache()
-    return idx
+    try:  # 用的人中途不要了（网页上按"停止"）、生成器被关掉时，也清空缓存、还原权重
+        yield from decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p,
+                                  eos_id, use_cache)
+    finally:
+        model.reset_cache()
 
 
-def decode_loop(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache):
-    """generate 的主循环：每步决定窗口、送进新的词、从最后一个位置挑下一个词。"""
+def decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache):
+    """decode_steps 的循环本身（参数同上）。"""
     ctx = model.cfg["context_length"]
     start, done = 0, torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        length = idx.shape[1]
-        jumped = length - start > ctx
-        if jumped:  # 窗口满了：向前跳半个上下文
-            start = length - ctx // 2
-        if not use_cache or jumped or model.cache_len == 0:
-            model.reset_cache()
-            new = slice(start, length)  # 整段（重新）预填充
-        else:
-            new = slice(start + model.cache_len, length)  # 只送缓存里还没有的那 1 个词
-        window = valid[:, start:length]
-        positions = (window.cumsum(dim=1) - 1).clamp(min=0)[:, new.start - start:]
-        n_new = new.stop - new.start
-        mask = window_mask(window, n_new) if padded else None
-        positions = positions if padded else torch.arange(new.start - start, length - start, device=idx.device)
-        if use_cache:  # 只在最后一个位置上算输出头（预填充时也是）：输出头（宽 × 词表）是最大的一个矩阵
-            logits = model.out_head(model.hidden(idx[:, new], True, positions, mask)[:, -1, :])
-        else:  # 不带缓存就是 03 的做法：整段前向，每个位置都算一遍输出头，只用最后一个
-            logits = model(idx[:, new], False, positions, mask)[:, -1, :]
-        next_id = sample_next(logits.float(), temperature, top_k, top_p)
-        if eos_id is not None:
-            next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
-            done |= next_id == eos_id
-        idx = torch.cat([idx, next_id], dim=1)
-        valid = torch.cat([valid, torch.ones_like(next_id, dtype=torch.bool)], dim=1)
-        if eos_id is not None and bool(done.all()):
-            break
-    return idx
+    with torch.no_grad(), decode_layout(model):  # 进阶：CPU 上把权重转成 (输入, 输出) 的存法，解码快两成
+        for _ in range(max_new_tokens):
+            length = idx.shape[1]
+            jumped = length - start > ctx
+            if jumped:  # 窗口满了：向前跳半个上下文
+                start = length - ctx // 2
+            if not use_cache or jumped or model.cache_len == 0:
+                model.reset_cache()
+                new = slice(start, length)  # 整段（重新）预填充
+            else:
+                new = slice(start + model.cache_len, length)  # 只送缓存里还没有的那 1 个词
+            window = valid[:, start:length]
+            mask = window_mask(window, new.stop - new.start) if padded else None
+            # 位置从窗口里每行第一个真实的词数起；没有填充时就是 0, 1, 2, …
+            positions = ((window.cumsum(dim=1) - 1).clamp(min=0)[:, new.start - start:] if padded else
+                         torch.arange(new.start - start, length - start, device=idx.device))
+            if use_cache:  # 只在最后一个位置上算输出头（预填充时也是）：输出头（宽 × 词表）是最大的一个矩阵
+                logits = model.out_head(model.hidden(idx[:, new], True, positions, mask)[:, -1, :])
+            else:  # 不带缓存就是 03 的做法：整段前向，每个位置都算一遍输出头，只用最后一个
+                logits = model(idx[:, new], False, positions, mask)[:, -1, :]
+            next_id = sample_next(logits.float(), temperature, top_k, top_p)
+            if eos_id is not None:  # 已经结束的行只补结束符
+                next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
+                done |= next_id == eos_id
+            idx = torch.cat([idx, next_id], dim=1)
+            valid = torch.cat([valid, torch.ones_like(next_id, dtype=torch.bool)], dim=1)
+            yield idx
+            if eos_id is not None and bool(done.all()):
+                break
 
 
 def generate_batch(model, prompts, max_new_tokens, pad_id, **kwargs):
@@ -388,9 +400,15 @@ def run_kvcache(s):
     return speeds
 
 
+INSTRUCT_CHECKPOINT = Path("runs/instruct/model.pt")  # 06_finetune_instruct.py 默认写出的模型
+PRETRAINED = Path("runs/pretrain/ckpt.pt")  # 04_pretrain.py 默认写出的检查点
+
+
 def run(args):
     s = make_settings(args)
     check_args(s)
+    if s.serve:
+        return serve(s)
     return run_kvcache(s)
 
 
@@ -470,6 +488,190 @@ def compare_hf(cfg, idx, new_tokens, speeds):
               f"本章 / transformers = {speeds[ours] / hf:.2f}×", flush=True)
 
 
+# ---- --serve：浏览器里的聊天页（只用标准库：http.server + Server-Sent Events）----
+# GET / 返回一个自带 CSS/JS 的页面（不连任何 CDN，离线也能用）；POST /api/chat 收 JSON
+# {"prompt", "temperature", "top_k", "top_p", "max_new_tokens"}，回一串 SSE 事件：每个新词一条
+# data: {"id", "text"}，最后一条 data: {"done", "tokens", "seconds"}。同一时间只生成一个回答：
+# 第二个请求直接得到 HTTP 503 和一句中文；浏览器断开（页面上的"停止"）时停止生成。
+
+MAX_REQUEST_BYTES, MAX_SERVE_TOKENS = 64 * 1024, 512
+
+CHAT_PAGE = """<!doctype html><html lang="zh"><head><meta charset="utf-8"><title>KV 缓存聊天</title>
+<style>body{font-family:sans-serif;max-width:760px;margin:2em auto;padding:0 1em}#log div{margin:.6em 0;
+white-space:pre-wrap}.user{color:#05a}.bot{color:#333}textarea{width:100%;height:4em}label{margin-right:1em}
+#speed{color:#888}</style></head><body><h2>KV 缓存聊天（09_kvcache.py）</h2><div id="log"></div>
+<textarea id="q" placeholder="输入问题，回车发送"></textarea><div>
+<label>temperature <input id="t" type="number" value="0.7" step="0.1" min="0" max="5" style="width:4em"></label>
+<label>top-k <input id="k" type="number" value="40" min="0" style="width:4em"></label>
+<label>top-p <input id="p" type="number" value="0.95" step="0.05" min="0" max="1" style="width:4em"></label>
+<label>最多 <input id="n" type="number" value="120" min="1" max="512" style="width:4em"> 个词</label>
+<button id="send">发送</button> <button id="stop" disabled>停止</button> <span id="speed"></span></div>
+<script>
+const $ = id => document.getElementById(id); let ctrl = null;
+function line(cls, text) { const d = document.createElement("div"); d.className = cls; d.textContent = text;
+  $("log").appendChild(d); return d; }
+async function send() {
+  const prompt = $("q").value.trim(); if (!prompt || ctrl) return;
+  line("user", "你：" + prompt); $("q").value = ""; const bot = line("bot", "模型：");
+  ctrl = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
+  const body = {prompt, temperature: +$("t").value, top_k: +$("k").value, top_p: +$("p").value,
+                max_new_tokens: +$("n").value};
+  try {
+    const r = await fetch("/api/chat", {method: "POST", body: JSON.stringify(body), signal: ctrl.signal,
+                                         headers: {"Content-Type": "application/json"}});
+    if (!r.ok) { bot.textContent += "（" + (await r.json()).error + "）"; return; }
+    const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
+    for (;;) { const {value, done} = await reader.read(); if (done) break; buf += dec.decode(value, {stream: true});
+      let i; while ((i = buf.indexOf("\\n\\n")) >= 0) { const ev = JSON.parse(buf.slice(6, i)); buf = buf.slice(i + 2);
+        if (ev.text !== undefined) bot.textContent += ev.text;
+        if (ev.done) $("speed").textContent = ev.tokens + " 个词，" + (ev.tokens / ev.seconds).toFixed(1) + " token/s"; } }
+  } catch (e) { if (e.name !== "AbortError") bot.textContent += "（出错：" + e + "）"; }
+  finally { ctrl = null; $("stop").disabled = true; $("send").disabled = false; }
+}
+$("send").onclick = send; $("stop").onclick = () => ctrl && ctrl.abort();
+$("q").addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
+</script></body></html>"""
+
+
+def parse_chat_request(raw):
+    """请求体 → 生成参数；不合法就抛 ValueError（中文说明），由处理函数回 HTTP 400。"""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("请求体不是 JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
+        raise ValueError("需要一个非空的字符串字段 prompt")
+    out = {"prompt": body["prompt"]}
+    for key, kind, low, high, default in (("temperature", float, 0, 5, 0.0), ("top_k", int, 0, 100_000, 0),
+                                          ("top_p", float, 0, 1, 1.0),
+                                          ("max_new_tokens", int, 1, MAX_SERVE_TOKENS, 100)):
+        value = body.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise ValueError(f"{key} 应是 {low} 到 {high} 之间的数")
+        out[key] = kind(value)
+    return out
+
+
+class ChatServer:
+    """一个模型、一把锁：同一时间只生成一个回答。prompt_style 不是 None 时按 06 的模板包装提示词。"""
+
+    def __init__(self, model, tokenizer, prompt_style=None):
+        self.model, self.tokenizer, self.prompt_style = model, tokenizer, prompt_style
+        self.lock = threading.Lock()
+
+    def prompt_ids(self, prompt):
+        text = format_prompt({"instruction": prompt, "input": ""}, self.prompt_style) if self.prompt_style \
+            else prompt
+        ids = self.tokenizer.encode_ordinary(text)
+        return ids[-(self.model.cfg["context_length"] // 2):]  # 太长就只留结尾
+
+    def stream(self, req):
+        """按请求生成，每个新词交出 (id, 新增的文字)。多字节的汉字可能跨两个词：凑齐了才交出文字。"""
+        device = next(self.model.parameters()).device
+        idx = torch.tensor([self.prompt_ids(req["prompt"])], device=device)
+        steps = decode_steps(self.model, idx, req["max_new_tokens"], req["temperature"], req["top_k"] or None,
+                             req["top_p"] if req["top_p"] < 1 else None, self.tokenizer.eot_token)
+        new, shown = [], ""
+        for out in steps:
+            token = out[0, -1].item()
+            if token == self.tokenizer.eot_token:
+                break
+            new.append(token)
+            text = self.tokenizer.decode([t for t in new if t < self.tokenizer.n_vocab])
+            delta, shown = (text[len(shown):], text) if not text.endswith("\ufffd") else ("", shown)
+            yield token, delta
+
+    def handler(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # 安静：每个请求一行日志会淹没终端里的进度
+                pass
+
+            def send_json(self, status, payload):
+                data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path not in ("/", "/index.html"):
+                    return self.send_json(404, {"error": "没有这个页面"})
+                data = CHAT_PAGE.encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                if self.path != "/api/chat":
+                    return self.send_json(404, {"error": "没有这个接口"})
+                try:
+                    size = int(self.headers.get("Content-Length", "0"))
+                except ValueError:
+                    size = -1
+                if not 0 < size <= MAX_REQUEST_BYTES:
+                    return self.send_json(400, {"error": f"请求体应在 1 到 {MAX_REQUEST_BYTES} 字节之间"})
+                try:
+                    req = parse_chat_request(self.rfile.read(size))
+                except ValueError as err:
+                    return self.send_json(400, {"error": str(err)})
+                if not server.lock.acquire(blocking=False):
+                    return self.send_json(503, {"error": "正在为另一个请求生成回答，请稍后再试"})
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.end_headers()
+                    t0, count = time.perf_counter(), 0
+                    for token, text in server.stream(req):
+                        count += 1
+                        self.event({"id": token, "text": text})
+                    self.event({"done": True, "tokens": count, "seconds": round(time.perf_counter() - t0, 3)})
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # 浏览器断开了：生成器随之关闭，停止生成
+                finally:
+                    server.lock.release()
+
+            def event(self, payload):
+                self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode("utf-8"))
+                self.wfile.flush()
+
+        return Handler
+
+
+def make_server(model, tokenizer, prompt_style=None, port=8000, host="127.0.0.1"):
+    return http.server.ThreadingHTTPServer((host, port), ChatServer(model, tokenizer, prompt_style).handler())
+
+
+def serve(s):
+    """--serve：载入模型（06 的指令模型 > 04 的检查点 > --init），在 127.0.0.1 上提供聊天页，Ctrl-C 退出。"""
+    device = resolve_device(s.device)
+    init = s.init
+    if init == "random":
+        init = next((str(p) for p in (INSTRUCT_CHECKPOINT, PRETRAINED) if p.is_file()), "random")
+    torch.manual_seed(s.seed)
+    model, tokenizer, cfg = load_init(init, device, "mini")
+    style = cfg.get("prompt_style")
+    print(f"模型：{init}（{'按 06 的 ' + style + ' 模板包装提示词' if style else '直接续写提示词'}）"
+          + ("——随机权重只会胡言乱语：先运行 04 或 06，或用 --init gpt2" if init == "random" else ""))
+    try:
+        server = make_server(model.eval(), tokenizer, style, s.port)
+    except OSError as err:
+        raise UserError(f"无法在 127.0.0.1:{s.port} 上监听（{type(err).__name__}）；换一个 --port 试试") from None
+    print(f"打开 http://127.0.0.1:{server.server_address[1]}/ 开始聊天；Ctrl-C 退出", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\n已停止。")
+    finally:
+        server.server_close()
+
+
 # ---- 命令行 ----
 def build_parser():
     p = ArgParser(description="KV 缓存：带缓存与不带缓存的生成，输出逐词相同，速度差很多")
@@ -485,12 +687,16 @@ def build_parser():
                    help="计算设备，auto = cuda > mps > cpu")
     p.add_argument("--compare-hf", action="store_true",
                    help="再测一遍 Hugging Face transformers 的 generate 作对照（需要 pip install transformers）")
+    p.add_argument("--serve", action="store_true",
+                   help=f"浏览器里的聊天页：有 {INSTRUCT_CHECKPOINT} 就用 06 的指令模型，否则 {PRETRAINED}，否则 --init")
+    p.add_argument("--port", type=int, default=8000, help="--serve 的端口（默认 8000，只监听 127.0.0.1）")
     p.add_argument("--quick", action="store_true", help="冒烟测试：tiny 尺寸，生成 40 个词")
     return p
 
 
 def check_args(s):
-    limits = {"new_tokens": (1, 100_000), "prompt_tokens": (1, 100_000), "seed": (0, 2**32 - 1)}
+    limits = {"new_tokens": (1, 100_000), "prompt_tokens": (1, 100_000), "seed": (0, 2**32 - 1),
+              "port": (0, 65535)}
     for key, (low, high) in limits.items():
         check_range(f"--{key.replace('_', '-')}", getattr(s, key), low, high)
 
@@ -512,6 +718,22 @@ GPT_CONFIGS = {
     "gpt2-xl": {"vocab_size": 50257, "context_length": 1024, "emb_dim": 1600, "n_heads": 25,
                 "n_layers": 48, "drop_rate": 0.1, "qkv_bias": True},  # 1558M
 }
+
+
+ALPACA_HEAD = "下面是一条指令，请写出回答。\n\n"
+
+
+def format_prompt(entry, style="alpaca"):
+    """一条数据 → 提示词（回答之前的部分）。模型学的是：看到提示词，接着写出 output 和结束符。"""
+    if style == "phi3":
+        # Phi-3 的对话格式：更短，用 <|user|>、<|assistant|> 标出谁在说话（这里它们只是普通文字）
+        text = entry["instruction"] + (f"\n{entry['input']}" if entry["input"] else "")
+        return f"<|user|>\n{text}\n<|assistant|>\n"
+    text = f"{ALPACA_HEAD}### 指令：\n{entry['instruction']}"
+    # 没有 input 的条目就不写"### 输入："这一段：空的小标题只会浪费 token
+    if entry["input"]:
+        text += f"\n\n### 输入：\n{entry['input']}"
+    return text + "\n\n### 回答：\n"
 
 
 MODEL_SIZES = {

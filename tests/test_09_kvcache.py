@@ -1,6 +1,8 @@
 """09_kvcache.py：带缓存与不带缓存的贪心输出逐词相同（几种提示词长度、跨过上下文长度、两种缓存、批量与逐条）、
 缓存在两次调用之间清空、模型与 03 的 GPTModel logits 一致、FLOPs 与逐步手算一致、坏输入。"""
-import sys
+import json
+import re
+import time
 
 import pytest
 import torch
@@ -120,3 +122,87 @@ def test_bad_input_exits_2(mod, args, capsys):
         mod.main(["--quick", *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("错误：") and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def chat_server(mod):
+    import threading
+    model = small_model(mod, context=128)
+    tokenizer = mod.load_project_tokenizer()
+    model = mod.GPTModel(dict(model.cfg, vocab_size=tokenizer.n_vocab)).eval()
+    server = mod.make_server(model, tokenizer, "alpaca", port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, model, tokenizer
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()  # 干净地关掉了
+
+
+def post(server, body, raw=None):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    data = raw if raw is not None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+    conn.request("POST", "/api/chat", body=data, headers={"Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def events(resp):
+    for line in resp:
+        if line.startswith(b"data: "):
+            yield json.loads(line[6:])
+
+
+def test_server_streams_the_same_tokens_as_generate(mod, chat_server):
+    server, model, tokenizer = chat_server
+    conn, resp = post(server, {"prompt": "计算 12 + 30。", "max_new_tokens": 30, "temperature": 0})
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+    got = list(events(resp))
+    conn.close()
+    assert got[-1]["done"] and got[-1]["tokens"] == len(got) - 1
+    ids = tokenizer.encode_ordinary(mod.format_prompt({"instruction": "计算 12 + 30。", "input": ""}))
+    want = mod.generate(model, torch.tensor([ids]), 30, eos_id=tokenizer.eot_token)[0, len(ids):].tolist()
+    want = want[:want.index(tokenizer.eot_token)] if tokenizer.eot_token in want else want
+    assert [e["id"] for e in got[:-1]] == want
+    assert "".join(e["text"] for e in got[:-1]) == tokenizer.decode([t for t in want if t < tokenizer.n_vocab])
+    # 首页是自带 CSS/JS 的一页，不引用任何外部地址
+    import http.client
+    page = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    page.request("GET", "/")
+    html = page.getresponse().read().decode("utf-8")
+    assert "<script>" in html and "/api/chat" in html and "http" not in html.replace("http-equiv", "")
+
+
+@pytest.mark.parametrize("body, raw", [
+    (None, b"not json"), ({"prompt": ""}, None), ({"prompt": "hi", "temperature": -1}, None),
+    ({"prompt": "hi", "max_new_tokens": 100000}, None), ({"prompt": "hi", "top_p": "x"}, None),
+    ({"prompt": "hi", "top_k": float("nan")}, b'{"prompt": "hi", "top_k": NaN}'),
+])
+def test_server_answers_bad_requests_with_400_in_chinese(chat_server, body, raw):
+    server, _, _ = chat_server
+    conn, resp = post(server, body, raw)
+    payload = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 400 and re.search(r"[\u4e00-\u9fff]", payload["error"])
+
+
+def test_second_request_is_answered_busy_and_closing_the_stream_stops_generation(chat_server):
+    server, _, _ = chat_server
+    conn, resp = post(server, {"prompt": "讲个故事", "max_new_tokens": 512, "temperature": 1.0})
+    first = next(events(resp))
+    assert "id" in first
+    conn2, resp2 = post(server, {"prompt": "你好", "max_new_tokens": 5})
+    assert resp2.status == 503 and "正在" in json.loads(resp2.read())["error"]
+    conn2.close()
+    resp.close()
+    conn.close()  # 浏览器按了"停止"：服务器写下一个词时发现断开，停止生成、放开锁
+    for _ in range(100):
+        conn3, resp3 = post(server, {"prompt": "你好", "max_new_tokens": 3})
+        if resp3.status == 200:
+            break
+        resp3.read()
+        conn3.close()
+        time.sleep(0.05)
+    assert resp3.status == 200 and list(events(resp3))[-1]["done"]
+    conn3.close()
