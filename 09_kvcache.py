@@ -6,7 +6,8 @@
 - 到了上下文长度怎么办：窗口向前跳半个上下文，重新预填充（学到的绝对位置嵌入不能原地平移）
 - 批量生成：左侧填充 + 注意力掩码，几个提示词一起解码，结果和一条一条生成完全相同
 - 测速：不带缓存、拼接缓存、预分配缓存，fp32 与 bf16，一张表
-运行：python 09_kvcache.py          # 默认：GPT-2 small 尺寸（随机权重）生成 200 个词，测速；2 核 CPU 约 3 分钟
+运行：python 09_kvcache.py          # 默认：GPT-2 small 尺寸（随机权重）生成 200 个词，测速；2 核 CPU 约 2.5 分钟
+      python 09_kvcache.py --serve  # 浏览器里的聊天页 http://127.0.0.1:8000/
       python 09_kvcache.py --quick  # 冒烟：tiny 尺寸，几秒
 """
 import argparse

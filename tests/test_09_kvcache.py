@@ -116,7 +116,8 @@ def test_quick_run_prints_the_table(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--new-tokens", "0"], ["--new-tokens", "-3"], ["--prompt-tokens", "1e9"],
-                                  ["--seed", "-1"], ["--init", "no-such.pt"]])
+                                  ["--seed", "-1"], ["--init", "no-such.pt"], ["--port", "99999"],
+                                  ["--serve", "--port", "-1"]])
 def test_bad_input_exits_2(mod, args, capsys):
     with pytest.raises(SystemExit) as exit_:
         mod.main(["--quick", *args])
