@@ -345,7 +345,9 @@ def speed_table(model, idx, new_tokens, device):
         rows += [("不带缓存 bf16", False, "prealloc", torch.bfloat16),
                  ("预分配缓存 bf16", True, "prealloc", torch.bfloat16)]
     reference, speeds = None, {}
-    print(f"\n   {'做法':<24}{'用时(秒)':>10}{'token/s':>10}{'倍数':>8}")
+    # 中文字符在终端里占两格：按显示宽度补空格，列才对得齐
+    left = lambda text, width: text + " " * (width - sum(1 + (ord(ch) > 0x2E80) for ch in text))
+    print("\n   " + left("做法", 28) + f"{'秒':>8}{'token/s':>10}{'倍数':>7}    缓存/词")
     for name, use_cache, kind, dtype in rows:
         out, seconds = timed_generate(model if dtype == torch.float32 else model16, idx, new_tokens,
                                       use_cache, kind)
@@ -354,7 +356,11 @@ def speed_table(model, idx, new_tokens, device):
             assert torch.equal(out, reference), "带缓存和不带缓存的输出不一样：缓存有 bug"
         speeds[name] = new_tokens / seconds
         base = speeds[rows[0][0]] if dtype == torch.float32 else speeds.get("不带缓存 bf16", speeds[name])
-        print(f"   {name:<24}{seconds:>10.2f}{speeds[name]:>10.1f}{speeds[name] / base:>7.1f}×", flush=True)
+        # 每个词在缓存里占：K、V 各一份 × 层数 × 宽度 × 每个数的字节数（bf16 减半）
+        per_token = 2 * model.cfg["n_layers"] * model.cfg["emb_dim"] * (4 if dtype == torch.float32 else 2)
+        memory = f"{per_token / 1024:.0f} KB" if use_cache else "—"
+        print("   " + left(name, 28) + f"{seconds:>9.2f}{speeds[name]:>10.1f}{speeds[name] / base:>8.1f}×  {memory:>8}",
+              flush=True)
     return speeds
 
 
@@ -599,6 +605,9 @@ class ChatServer:
                 self.wfile.write(data)
 
             def do_GET(self):
+                if self.path == "/favicon.ico":  # 浏览器总会来要图标：回"没有内容"，控制台里就不报错
+                    self.send_response(204)
+                    return self.end_headers()
                 if self.path not in ("/", "/index.html"):
                     return self.send_json(404, {"error": "没有这个页面"})
                 data = CHAT_PAGE.encode("utf-8")
