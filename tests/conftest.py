@@ -63,3 +63,13 @@ def skip_or_fail(reason):
 @pytest.fixture
 def script_loader():
     return load_script
+
+
+@pytest.fixture
+def one_thread():
+    """测试期间 torch 只用 1 个线程，结束后还原：小张量上多线程只添开销，测试之间的计时也更稳。"""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,8 @@ def mod():
     return load_script(SCRIPT)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# 这个文件的每个测试都只用 1 个线程（见 conftest.py 的 one_thread）
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
