@@ -68,7 +68,7 @@ def read_preferences(path):
         if not all(isinstance(v, str) for v in values):
             raise UserError(f"{path} 第 {i} 条：应是含字符串字段 instruction、chosen、rejected 的对象")
         entry = dict(zip(keys, values))
-        if not entry["instruction"].strip() or not entry["chosen"].strip() or not entry["rejected"].strip():
+        if not all(entry[key].strip() for key in ("instruction", "chosen", "rejected")):
             raise UserError(f"{path} 第 {i} 条：instruction、chosen 或 rejected 是空的")
         if entry["chosen"] == entry["rejected"]:
             raise UserError(f"{path} 第 {i} 条：chosen 和 rejected 一模一样，没有偏好可学")
@@ -79,7 +79,8 @@ def read_preferences(path):
 def load_preference_splits(s):
     """默认读 data/preferences 的三个划分；--data 给的单个文件按 85/5/10 打乱切分。"""
     if s.data is None:
-        splits = {name: read_preferences(DATA_DIR / "preferences" / f"{name}.json") for name in PREF_SPLITS}
+        folder = DATA_DIR / "preferences"
+        splits = {name: read_preferences(folder / f"{name}.json") for name in PREF_SPLITS}
     else:
         items = read_preferences(s.data)
         if len(items) < 20:
@@ -115,7 +116,8 @@ def show_pair_mask(tokenizer, item, style):
     """打印一条偏好对：哪些位置计入对数概率（回答和结束符），哪些被遮掉（提示词、填充）。"""
     pair = encode_pair(tokenizer, item, style)
     _, y = collate_pairs([pair], tokenizer.eot_token, CONTEXT)
-    print(f"一条偏好对（{KIND_NAMES.get(item['kind'], item['kind'])}）：{item['instruction']} {item['input']}")
+    kind = KIND_NAMES.get(item["kind"], item["kind"])
+    print(f"一条偏好对（{kind}）：{item['instruction']} {item['input']}")
     for row, name in ((0, "chosen"), (1, "rejected")):
         kept = y[row][y[row] != IGNORE].tolist()
         text = tokenizer.decode([t for t in kept if t != tokenizer.eot_token])
@@ -191,11 +193,13 @@ def sft_warmup(s, device):
     entries = read_entries(DATA_DIR / "instruct" / "train.json")
     examples = [encode_entry(tokenizer, e, "alpaca") for e in entries]
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.sft_lr, weight_decay=0.1)
+    # 热身默认 1500 步，约是 06 的一轮（06 走 4 轮）：够模型学会"看到 ### 回答： 就写个短答案并停下"，
+    # DPO 要比较的正是这种模型对两个回答的概率；真要答得好，还是先跑完整的 06
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(s.seed)).tolist()
     model.train()
     t0 = time.perf_counter()
     for step in range(s.sft_steps):
-        start = step * s.batch_size % len(order)
+        start = step * s.batch_size % len(order)  # 按打乱后的顺序循环取批
         batch = [examples[i] for i in order[start:start + s.batch_size]]
         x, y = collate_instruct(batch, tokenizer.eot_token, CONTEXT, mask_instruction=True)
         # 预热 50 步，然后线性降到 0：和 06 相同
@@ -216,14 +220,17 @@ def sft_warmup(s, device):
 def build_policy(s, device):
     """策略：--sft 给的 06 检查点 > runs/instruct/model.pt > SFT 热身。参考：策略的冻结副本。"""
     path = Path(s.sft) if s.sft else SFT_CHECKPOINT
+    # --quick 和显式的 --init 都不用 06 的模型：冒烟测试要可复现，--init 说明用的人想自己热身
     if s.sft or (SFT_CHECKPOINT.is_file() and s.init == "auto" and not s.quick):
         print(f"策略的起点：{path}（06_finetune_instruct.py 训练的 SFT 模型）")
         policy, tokenizer, _ = load_instruct_model(path)
         policy = policy.to(device)
     else:
         policy, tokenizer = sft_warmup(s, device)
+        # 存成 06 的格式（kind = instruct）：06 的 load_instruct_model、--interactive 都能直接用它
         sft_path = Path(s.out_dir) / "sft.pt"
-        save_checkpoint(sft_path, {"kind": "instruct", "config": policy.cfg, "model": policy.state_dict(),
+        save_checkpoint(sft_path, {"kind": "instruct", "config": policy.cfg,
+                                   "model": policy.state_dict(),
                                    "tokenizer": tokenizer_record(tokenizer), "step": s.sft_steps,
                                    "mask_instruction": True})
         print(f"  热身后的 SFT 模型存到 {sft_path}（下次可用 --sft {sft_path} 跳过热身）")
@@ -268,7 +275,7 @@ def pair_logprobs(model, batch, pad_id, device):
 def pair_metrics(policy, reference, examples, beta, pad_id, device, batch_size=32):
     """在一组偏好对上算平均损失、chosen/rejected 的平均奖励、奖励差和偏好准确率；
     ref_acc 是参考模型自己的偏好：log π_ref(c) > log π_ref(r) 的比例（第 6 节的基线）。"""
-    policy.eval()
+    policy.eval()  # 评估时关掉 dropout：同一对每次算出的奖励才一样
     sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "acc": 0.0, "ref_acc": 0.0}
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
@@ -278,6 +285,7 @@ def pair_metrics(policy, reference, examples, beta, pad_id, device, batch_size=3
         sums["loss"] += loss.item() * len(batch)
         sums["chosen"] += c.sum().item()
         sums["rejected"] += r.sum().item()
+        # 严格大于：训练开始时两个奖励都是 0，不算"认对了"——准确率从 0 起步，看得出是学来的
         sums["acc"] += (c > r).sum().item()
         sums["ref_acc"] += (rc > rr).sum().item()
     policy.train()
@@ -289,6 +297,7 @@ def train_dpo(state, s):
     """DPO 训练 s.epochs 轮；每 s.eval_every 步在训练集、验证集的前 200 对上打印度量；Ctrl-C 时先存再退出。"""
     examples, pad_id = state.data["train"], state.tokenizer.eot_token
     total = s.epochs * math.ceil(len(examples) / s.batch_size)
+    # 打乱用独立的生成器：换不换 --sft、热身走了几步，都不影响 DPO 看到偏好对的顺序
     generator = torch.Generator().manual_seed(s.seed)
     state.policy.train()
     with StopFlag() as stop:
@@ -306,7 +315,9 @@ def train_dpo(state, s):
                     rc, rr = pair_logprobs(state.reference, batch, pad_id, state.device)
                 loss, c, r = dpo_loss(pc, pr, rc, rr, s.beta)
                 if s.nll_weight:  # 第 3 节末尾：再加一项 chosen 的负对数似然（每个 token 平均）
-                    n_chosen = torch.tensor([len(ids) - n + 1 for ids, _, n in batch], device=pc.device)
+                    # chosen 计入的 token 数 = 回答 + 结束符 = 全长 − 提示词 + 1
+                    n_chosen = torch.tensor([len(ids) - n + 1 for ids, _, n in batch],
+                                            device=pc.device)
                     loss = loss + s.nll_weight * (-pc / n_chosen).mean()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(state.policy.parameters(), 1.0)
@@ -327,6 +338,7 @@ def train_dpo(state, s):
 
 
 def log_metrics(state, s, row, total):
+    # 只看前 200 对：评估不拖慢训练；划分文件本来就打乱过，前 200 对就是随机样本
     for split in ("train", "val"):
         m = pair_metrics(state.policy, state.reference, state.data[split][:200], s.beta,
                          state.tokenizer.eot_token, state.device)
@@ -341,7 +353,8 @@ def log_metrics(state, s, row, total):
 def save_dpo(state, s):
     """检查点里同时存策略和参考模型：隐式奖励要两者一起才能算，载入的人不必再去找 SFT 模型。"""
     path = Path(s.out_dir) / "model.pt"
-    save_checkpoint(path, {"kind": "dpo", "config": state.policy.cfg, "model": state.policy.state_dict(),
+    save_checkpoint(path, {"kind": "dpo", "config": state.policy.cfg,
+                           "model": state.policy.state_dict(),
                            "reference": state.reference.state_dict(), "beta": s.beta,
                            "tokenizer": tokenizer_record(state.tokenizer), "step": state.step,
                            "history": state.history})
@@ -355,7 +368,7 @@ def load_policy(path):
         raise UserError(f"{path} 不是本章写出的 DPO 检查点；先运行 08_dpo.py 训练一个")
     policy = model_from_checkpoint(ckpt)
     reference = model_from_checkpoint({**ckpt, "model": ckpt["reference"]})
-    policy.beta = ckpt.get("beta", 0.1)
+    policy.beta = ckpt.get("beta", 0.1)  # 隐式奖励要用训练时的 β：--evaluate 时从这里取
     return policy.eval(), freeze(reference), tokenizer_from_record(ckpt["tokenizer"])
 
 
@@ -403,6 +416,7 @@ def print_accuracy_table(table, title):
 
 
 def is_direct(answer, chosen):
+    # 粗而可验证的"直接"：客套、推脱、废话都会让回答变长；+4 个字给"。"和一两个字的出入留余地
     return len(answer.strip()) <= len(chosen.strip()) + 4
 
 
@@ -427,14 +441,16 @@ def task_effect(policy, reference, tokenizer, items, s, where="测试集"):
 
 def show_generations(policy, reference, tokenizer, items, s, n=4):
     """每种 kind 取一条可验证的提示词：DPO 前后的回答并排（贪心生成），旁边是 chosen 和 rejected。"""
-    picks = [next(i for i in items if i["kind"] == kind and i["task"] != "open")
-             for kind in KIND_NAMES if any(i["kind"] == kind and i["task"] != "open" for i in items)][:n]
+    verifiable = [i for i in items if i["task"] != "open"]
+    picks = [next(i for i in verifiable if i["kind"] == kind)
+             for kind in KIND_NAMES if any(i["kind"] == kind for i in verifiable)][:n]
     before = respond(reference, tokenizer, picks, s.max_new_tokens)
     after = respond(policy, tokenizer, picks, s.max_new_tokens)
     print("\n几条测试提示词，DPO 前后的回答：")
     for item, b, a in zip(picks, before, after):
         print(f"  {item['instruction']} {item['input']}\n    之前「{b[:40]}」  之后「{a[:40]}」  "
-              f"chosen「{item['chosen']}」  rejected（{KIND_NAMES[item['kind']]}）「{item['rejected'][:30]}」")
+              f"chosen「{item['chosen']}」  "
+              f"rejected（{KIND_NAMES[item['kind']]}）「{item['rejected'][:30]}」")
 
 
 # ===== 7. 主程序：策略与参考 → 看一条偏好对 → 训练 → 训练前后对比 =====
@@ -468,11 +484,13 @@ def run_dpo(s):
         raise UserError(f"无法创建 --out-dir {s.out_dir}（{type(err).__name__}）") from None
     policy, reference, tokenizer = build_policy(s, device)
     style = policy.cfg.get("prompt_style", "alpaca")
-    data = {name: [encode_pair(tokenizer, item, style) for item in items] for name, items in splits.items()}
+    data = {name: [encode_pair(tokenizer, item, style) for item in items]
+            for name, items in splits.items()}
     print(f"\n偏好数据：训练 {len(data['train']):,} 对、验证 {len(data['val']):,}、测试 {len(data['test']):,}；"
           f"策略 {policy.cfg['n_layers']} 层、宽 {policy.cfg['emb_dim']}，参考模型是它的冻结副本")
     show_pair_mask(tokenizer, splits["train"][0], style)
     show_loss_by_hand(s.beta)
+    # 不加权重衰减：DPO 只想把 SFT 模型往偏好的方向推一点，衰减会把所有权重一起往 0 拉，离参考更远
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=0.0)
     state = DPOState(policy, reference, optimizer, tokenizer, data, device)
     start = pair_metrics(policy, reference, data["val"], s.beta, tokenizer.eot_token, device)

@@ -66,7 +66,8 @@ def show_flops(cfg, prompt_len=50, new_tokens=200):
     plain = generation_flops(cfg, prompt_len, new_tokens, cached=False)
     cached = generation_flops(cfg, prompt_len, new_tokens, cached=True)
     print(f"1. {prompt_len} 个词的提示词再生成 {new_tokens} 个词（{cfg['n_layers']} 层、宽 {cfg['emb_dim']}）："
-          f"不带缓存 {plain / 1e12:.2f} TFLOPs，带缓存 {cached / 1e12:.3f} TFLOPs，少算 {plain / cached:.0f} 倍")
+          f"不带缓存 {plain / 1e12:.2f} TFLOPs，带缓存 {cached / 1e12:.3f} TFLOPs，"
+          f"少算 {plain / cached:.0f} 倍")
     per_token = 2 * cfg["n_layers"] * cfg["emb_dim"] * 4  # K 和 V，每层各 d 个 fp32
     print(f"   代价：缓存每个词占 2（K、V）× {cfg['n_layers']} 层 × {cfg['emb_dim']} × 4 字节 = "
           f"{per_token / 1024:.0f} KB（fp32），上下文 {cfg['context_length']} 个词时每条序列 "
@@ -84,7 +85,8 @@ def show_flops(cfg, prompt_len=50, new_tokens=200):
 class MultiHeadAttention(nn.Module):
     """03 的因果多头注意力（SDPA）+ KV 缓存。改动：forward 多了 use_cache、mask；多了 reset_cache()。"""
 
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, cache_kind="prealloc"):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
+                 cache_kind="prealloc"):
         super().__init__()
         assert d_out % num_heads == 0, "d_out 必须能被 num_heads 整除"
         self.d_out, self.num_heads = d_out, num_heads
@@ -98,10 +100,12 @@ class MultiHeadAttention(nn.Module):
         self.reset_cache()
 
     def reset_cache(self):
+        # 每次生成前后都要清空：上一条提示词的 K、V 若还留着，新提示词的 query 会看到别人的上下文
         self.k_cache = self.v_cache = None
         self.filled = 0  # 缓存里已有几个词
 
     def append_concat(self, k, v):
+        # 最直白的做法：旧缓存和新的 k、v 拼成一个新张量。第 t 步要复制 t 个词的 K、V，越往后越贵
         if self.k_cache is not None:
             k, v = torch.cat([self.k_cache, k], dim=2), torch.cat([self.v_cache, v], dim=2)
         self.k_cache, self.v_cache = k, v
@@ -116,6 +120,7 @@ class MultiHeadAttention(nn.Module):
         end = self.filled + n
         if end > self.context_length:
             raise RuntimeError("KV 缓存已满：先 reset_cache()（generate 会自动处理）")
+        # 原地写进下一格：不分配新内存、不复制旧内容；返回的是缓冲区前 end 格的视图（也不复制）
         self.k_cache[:, :, self.filled:end] = k
         self.v_cache[:, :, self.filled:end] = v
         self.filled = end
@@ -123,10 +128,12 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, use_cache=False, mask=None):
         b, n, _ = x.shape
+        # 只有新来的 n 个词要算 q、k、v：旧词的 k、v 在缓存里，旧词的 q 以后再也用不到
         q, k, v = (w(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
                    for w in (self.W_query, self.W_key, self.W_value))
         if use_cache:
-            k, v = self.append_concat(k, v) if self.cache_kind == "concat" else self.append_prealloc(k, v)
+            append = self.append_concat if self.cache_kind == "concat" else self.append_prealloc
+            k, v = append(k, v)
         p = self.dropout.p if self.training else 0.0
         if mask is not None:  # 批量生成：因果 + 挡住填充，由 GPTModel 算好传进来
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -171,7 +178,7 @@ class GPTModel(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("out_proj.weight") or name.endswith("layers.2.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layers"]))
-        self.cache_len = 0
+        self.cache_len = 0  # 缓存里已有几个词：新词的位置编号从这里接着数
 
     @staticmethod
     def _init_weights(module):
@@ -227,18 +234,22 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None):
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+        # 去掉"前面的累计概率已经 ≥ top_p"的词，但至少保留概率最大的那个
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
 
 
+# 掩码里 True = 可以看。新 query 在窗口里的位置是最后 n_new 个；它能看位置不超过自己的、不是填充的 key。
 def window_mask(valid, n_new):
     """valid：(b, 窗口长度) 布尔，True = 真实的词。→ 新来的 n_new 个 query 能看哪些 key，形状 (b, 1, n_new, 窗口长度)。"""
     total = valid.shape[1]
     query_pos = torch.arange(total - n_new, total, device=valid.device).unsqueeze(1)
     causal = torch.arange(total, device=valid.device).unsqueeze(0) <= query_pos  # (n_new, total)
     # 填充行的 query 自己也是填充时，至少让它看自己，避免整行都被挡住算出 NaN
-    keep = (causal & valid[:, None, :]) | torch.eye(total, device=valid.device, dtype=torch.bool)[-n_new:]
+    itself = torch.eye(total, device=valid.device, dtype=torch.bool)[-n_new:]
+    keep = (causal & valid[:, None, :]) | itself
     return keep.unsqueeze(1)
 
 
@@ -248,7 +259,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None
     """自回归生成，返回含提示词的全部 id (b, 提示词长 + 新词数)。use_cache=False 时每步整段重算（对照用）。
     valid：左侧填充的批量输入里哪些位置是真实的词（见 generate_batch）；None = 没有填充。"""
     out = idx
-    for out in decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, valid):
+    steps = decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache,
+                         valid)
+    for out in steps:
         pass
     return out
 
@@ -262,13 +275,14 @@ def decode_steps(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=
     valid = valid if padded else torch.ones_like(idx, dtype=torch.bool)
     model.reset_cache()
     try:  # 用的人中途不要了（网页上按"停止"）、生成器被关掉时，也清空缓存、还原权重
-        yield from decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p,
-                                  eos_id, use_cache)
+        yield from decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k,
+                                  top_p, eos_id, use_cache)
     finally:
         model.reset_cache()
 
 
-def decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache):
+def decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k, top_p, eos_id,
+                   use_cache):
     """decode_steps 的循环本身（参数同上）。"""
     ctx = model.cfg["context_length"]
     start, done = 0, torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
@@ -286,8 +300,10 @@ def decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k
             window = valid[:, start:length]
             mask = window_mask(window, new.stop - new.start) if padded else None
             # 位置从窗口里每行第一个真实的词数起；没有填充时就是 0, 1, 2, …
-            positions = ((window.cumsum(dim=1) - 1).clamp(min=0)[:, new.start - start:] if padded else
-                         torch.arange(new.start - start, length - start, device=idx.device))
+            if padded:
+                positions = (window.cumsum(dim=1) - 1).clamp(min=0)[:, new.start - start:]
+            else:
+                positions = torch.arange(new.start - start, length - start, device=idx.device)
             if use_cache:  # 只在最后一个位置上算输出头（预填充时也是）：输出头（宽 × 词表）是最大的一个矩阵
                 logits = model.out_head(model.hidden(idx[:, new], True, positions, mask)[:, -1, :])
             else:  # 不带缓存就是 03 的做法：整段前向，每个位置都算一遍输出头，只用最后一个
@@ -305,10 +321,12 @@ def decode_windows(model, idx, valid, padded, max_new_tokens, temperature, top_k
 
 def generate_batch(model, prompts, max_new_tokens, pad_id, **kwargs):
     """几条长短不一的提示词（id 列表）一起生成：左侧填充到一样长，返回每条的新词（去掉填充和提示词）。"""
+    # 左边填充：生成总是接在最后一个位置后面，右边填充的话短提示词后面会先跟一串填充
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     idx = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+    valid = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts],
+                         device=device)
     out = generate(model, idx, max_new_tokens, valid=valid, **kwargs)
     return [row[width:].tolist() for row in out]
 
@@ -318,6 +336,7 @@ def generate_batch(model, prompts, max_new_tokens, pad_id, **kwargs):
 # bf16：权重换成 bf16，内存和带宽减半；CPU 有原生 bf16 指令时更快，没有时反而慢几十倍——先试几步再决定。
 
 def timed_generate(model, idx, new_tokens, use_cache, kind="prealloc"):
+    # 计时整个 generate：预填充、逐词解码、采样都算在内——用的人等的就是这么久
     model.set_cache_kind(kind)
     t0 = time.perf_counter()
     out = generate(model, idx, new_tokens, use_cache=use_cache)
@@ -337,7 +356,8 @@ def speed_table(model, idx, new_tokens, device):
     rows = [("不带缓存（每步整段重算）", False, "prealloc", torch.float32),
             ("拼接缓存 concat", True, "concat", torch.float32),
             ("预分配缓存 prealloc", True, "prealloc", torch.float32)]
-    model16 = copy.deepcopy(model).to(torch.bfloat16)  # 另存一份：fp32 的那份不能被舍入过
+    # 另存一份 bf16 的：在原模型上 .to(bf16) 再 .float() 回来，fp32 的权重就被舍入过了
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
     faster, t32, t16 = bf16_is_faster(model, model16, idx)
     print(f"   bf16 试 8 步：fp32 {t32:.2f} 秒，bf16 {t16:.2f} 秒 → "
           + ("bf16 更快，表里加上 bf16 的两行" if faster else "本机 bf16 不更快，只测 fp32"))
@@ -355,12 +375,14 @@ def speed_table(model, idx, new_tokens, device):
             reference = out if reference is None else reference
             assert torch.equal(out, reference), "带缓存和不带缓存的输出不一样：缓存有 bug"
         speeds[name] = new_tokens / seconds
-        base = speeds[rows[0][0]] if dtype == torch.float32 else speeds.get("不带缓存 bf16", speeds[name])
+        # 倍数：相对同一精度下不带缓存的那一行
+        base = speeds["不带缓存（每步整段重算）" if dtype == torch.float32 else "不带缓存 bf16"]
         # 每个词在缓存里占：K、V 各一份 × 层数 × 宽度 × 每个数的字节数（bf16 减半）
-        per_token = 2 * model.cfg["n_layers"] * model.cfg["emb_dim"] * (4 if dtype == torch.float32 else 2)
+        size = 4 if dtype == torch.float32 else 2
+        per_token = 2 * model.cfg["n_layers"] * model.cfg["emb_dim"] * size
         memory = f"{per_token / 1024:.0f} KB" if use_cache else "—"
-        print("   " + left(name, 28) + f"{seconds:>9.2f}{speeds[name]:>10.1f}{speeds[name] / base:>8.1f}×  {memory:>8}",
-              flush=True)
+        print("   " + left(name, 28) + f"{seconds:>9.2f}{speeds[name]:>10.1f}"
+              f"{speeds[name] / base:>8.1f}×  {memory:>8}", flush=True)
     return speeds
 
 
@@ -397,6 +419,7 @@ def run_kvcache(s):
     if s.prompt_tokens + s.new_tokens > cfg["context_length"]:
         print(f"   提示词 + 新词超过上下文 {cfg['context_length']}：中途会跳一次窗口、重新预填充")
     generator = torch.Generator().manual_seed(s.seed)
+    # 测速只看形状：随机 id 当提示词，和真实文字的计算量完全一样
     idx = torch.randint(0, cfg["vocab_size"], (1, s.prompt_tokens), generator=generator).to(device)
     print(f"\n2–4. 测速：{cfg['n_layers']} 层、宽 {cfg['emb_dim']}，{s.prompt_tokens} 个词的提示词，"
           f"贪心生成 {s.new_tokens} 个词（三种做法的输出先核对逐词相同）：")
@@ -474,14 +497,15 @@ def hf_tokens_per_second(cfg, idx, new_tokens, dtype):
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise UserError("--compare-hf 需要 transformers：pip install transformers") from None
-    conf = GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
-                      n_layer=cfg["n_layers"], n_head=cfg["n_heads"])
+    conf = GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"],
+                      n_embd=cfg["emb_dim"], n_layer=cfg["n_layers"], n_head=cfg["n_heads"])
     model = GPT2LMHeadModel(conf).eval().to(dtype)
     with torch.no_grad():
         model.generate(idx.cpu(), max_new_tokens=2, do_sample=False, pad_token_id=0)  # 热身
         t0 = time.perf_counter()
-        model.generate(idx.cpu(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0)
+        # min_new_tokens：不许它提前遇到结束符就停，和本章一样生成满 new_tokens 个词
+        model.generate(idx.cpu(), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
     return new_tokens / (time.perf_counter() - t0)
 
 
@@ -491,8 +515,9 @@ def compare_hf(cfg, idx, new_tokens, speeds):
         if ours not in speeds:
             continue
         hf = hf_tokens_per_second(cfg, idx, new_tokens, dtype)
-        print(f"   {str(dtype).split('.')[-1]:<9} transformers {hf:6.1f} token/s，本章 {speeds[ours]:6.1f} token/s，"
-              f"本章 / transformers = {speeds[ours] / hf:.2f}×", flush=True)
+        print(f"   {str(dtype).split('.')[-1]:<9} transformers {hf:6.1f} token/s，"
+              f"本章 {speeds[ours]:6.1f} token/s，本章 / transformers = {speeds[ours] / hf:.2f}×",
+              flush=True)
 
 
 # ---- --serve：浏览器里的聊天页（只用标准库：http.server + Server-Sent Events）----
@@ -504,19 +529,29 @@ def compare_hf(cfg, idx, new_tokens, speeds):
 MAX_REQUEST_BYTES, MAX_SERVE_TOKENS = 64 * 1024, 512
 
 CHAT_PAGE = """<!doctype html><html lang="zh"><head><meta charset="utf-8"><title>KV 缓存聊天</title>
-<style>body{font-family:sans-serif;max-width:760px;margin:2em auto;padding:0 1em}#log div{margin:.6em 0;
-white-space:pre-wrap}.user{color:#05a}.bot{color:#333}textarea{width:100%;height:4em}label{margin-right:1em}
-#speed{color:#888}</style></head><body><h2>KV 缓存聊天（09_kvcache.py）</h2><div id="log"></div>
+<style>
+body{font-family:sans-serif;max-width:760px;margin:2em auto;padding:0 1em}
+#log div{margin:.6em 0;white-space:pre-wrap} .user{color:#05a} .bot{color:#333}
+textarea{width:100%;height:4em} label{margin-right:1em} #speed{color:#888} input{width:4em}
+</style></head><body><h2>KV 缓存聊天（09_kvcache.py）</h2><div id="log"></div>
 <textarea id="q" placeholder="输入问题，回车发送"></textarea><div>
-<label>temperature <input id="t" type="number" value="0.7" step="0.1" min="0" max="5" style="width:4em"></label>
-<label>top-k <input id="k" type="number" value="40" min="0" style="width:4em"></label>
-<label>top-p <input id="p" type="number" value="0.95" step="0.05" min="0" max="1" style="width:4em"></label>
-<label>最多 <input id="n" type="number" value="120" min="1" max="512" style="width:4em"> 个词</label>
-<button id="send">发送</button> <button id="stop" disabled>停止</button> <span id="speed"></span></div>
+<label>temperature <input id="t" type="number" value="0.7" step="0.1" min="0" max="5"></label>
+<label>top-k <input id="k" type="number" value="40" min="0"></label>
+<label>top-p <input id="p" type="number" value="0.95" step="0.05" min="0" max="1"></label>
+<label>最多 <input id="n" type="number" value="120" min="1" max="512"> 个词</label>
+<button id="send">发送</button> <button id="stop" disabled>停止</button> <span id="speed"></span>
+</div>
 <script>
 const $ = id => document.getElementById(id); let ctrl = null;
-function line(cls, text) { const d = document.createElement("div"); d.className = cls; d.textContent = text;
-  $("log").appendChild(d); return d; }
+function line(cls, text) {
+  const d = document.createElement("div"); d.className = cls; d.textContent = text;
+  $("log").appendChild(d); return d;
+}
+function onEvent(ev, bot) {  // 一条 SSE 事件：一个新词，或最后的统计
+  if (ev.text !== undefined) bot.textContent += ev.text;
+  if (ev.done) $("speed").textContent =
+    ev.tokens + " 个词，" + (ev.tokens / ev.seconds).toFixed(1) + " token/s";
+}
 async function send() {
   const prompt = $("q").value.trim(); if (!prompt || ctrl) return;
   line("user", "你：" + prompt); $("q").value = ""; const bot = line("bot", "模型：");
@@ -524,19 +559,25 @@ async function send() {
   const body = {prompt, temperature: +$("t").value, top_k: +$("k").value, top_p: +$("p").value,
                 max_new_tokens: +$("n").value};
   try {
-    const r = await fetch("/api/chat", {method: "POST", body: JSON.stringify(body), signal: ctrl.signal,
-                                         headers: {"Content-Type": "application/json"}});
+    const r = await fetch("/api/chat", {method: "POST", body: JSON.stringify(body),
+      signal: ctrl.signal, headers: {"Content-Type": "application/json"}});
     if (!r.ok) { bot.textContent += "（" + (await r.json()).error + "）"; return; }
     const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
-    for (;;) { const {value, done} = await reader.read(); if (done) break; buf += dec.decode(value, {stream: true});
-      let i; while ((i = buf.indexOf("\\n\\n")) >= 0) { const ev = JSON.parse(buf.slice(6, i)); buf = buf.slice(i + 2);
-        if (ev.text !== undefined) bot.textContent += ev.text;
-        if (ev.done) $("speed").textContent = ev.tokens + " 个词，" + (ev.tokens / ev.seconds).toFixed(1) + " token/s"; } }
+    for (;;) {
+      const {value, done} = await reader.read(); if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let i;  // 每条事件是 "data: {...}" 加一个空行
+      while ((i = buf.indexOf("\\n\\n")) >= 0) {
+        onEvent(JSON.parse(buf.slice(6, i)), bot); buf = buf.slice(i + 2);
+      }
+    }
   } catch (e) { if (e.name !== "AbortError") bot.textContent += "（出错：" + e + "）"; }
   finally { ctrl = null; $("stop").disabled = true; $("send").disabled = false; }
 }
 $("send").onclick = send; $("stop").onclick = () => ctrl && ctrl.abort();
-$("q").addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
+$("q").addEventListener("keydown", e => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
+});
 </script></body></html>"""
 
 
@@ -546,15 +587,17 @@ def parse_chat_request(raw):
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError("请求体不是 JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"].strip():
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("需要一个非空的字符串字段 prompt")
     out = {"prompt": body["prompt"]}
-    for key, kind, low, high, default in (("temperature", float, 0, 5, 0.0), ("top_k", int, 0, 100_000, 0),
-                                          ("top_p", float, 0, 1, 1.0),
-                                          ("max_new_tokens", int, 1, MAX_SERVE_TOKENS, 100)):
+    fields = (("temperature", float, 0, 5, 0.0), ("top_k", int, 0, 100_000, 0),
+              ("top_p", float, 0, 1, 1.0), ("max_new_tokens", int, 1, MAX_SERVE_TOKENS, 100))
+    for key, kind, low, high, default in fields:
         value = body.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        # bool 也是 int 的子类：true/false 不算数；NaN 与任何数比较都是 False，要单独挡
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and low <= value <= high):
             raise ValueError(f"{key} 应是 {low} 到 {high} 之间的数")
         out[key] = kind(value)
     return out
@@ -568,8 +611,9 @@ class ChatServer:
         self.lock = threading.Lock()
 
     def prompt_ids(self, prompt):
-        text = format_prompt({"instruction": prompt, "input": ""}, self.prompt_style) if self.prompt_style \
-            else prompt
+        text = prompt  # 04 的模型：直接续写；06 的指令模型：按它训练时的模板包装
+        if self.prompt_style:
+            text = format_prompt({"instruction": prompt, "input": ""}, self.prompt_style)
         ids = self.tokenizer.encode_ordinary(text)
         return ids[-(self.model.cfg["context_length"] // 2):]  # 太长就只留结尾
 
@@ -577,8 +621,10 @@ class ChatServer:
         """按请求生成，每个新词交出 (id, 新增的文字)。多字节的汉字可能跨两个词：凑齐了才交出文字。"""
         device = next(self.model.parameters()).device
         idx = torch.tensor([self.prompt_ids(req["prompt"])], device=device)
-        steps = decode_steps(self.model, idx, req["max_new_tokens"], req["temperature"], req["top_k"] or None,
-                             req["top_p"] if req["top_p"] < 1 else None, self.tokenizer.eot_token)
+        top_k = req["top_k"] or None  # 页面上的 0 表示不截断
+        top_p = req["top_p"] if req["top_p"] < 1 else None
+        steps = decode_steps(self.model, idx, req["max_new_tokens"], req["temperature"], top_k,
+                             top_p, self.tokenizer.eot_token)
         new, shown = [], ""
         for out in steps:
             token = out[0, -1].item()
@@ -641,21 +687,25 @@ class ChatServer:
                     for token, text in server.stream(req):
                         count += 1
                         self.event({"id": token, "text": text})
-                    self.event({"done": True, "tokens": count, "seconds": round(time.perf_counter() - t0, 3)})
+                    seconds = round(time.perf_counter() - t0, 3)
+                    self.event({"done": True, "tokens": count, "seconds": seconds})
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # 浏览器断开了：生成器随之关闭，停止生成
                 finally:
                     server.lock.release()
 
             def event(self, payload):
-                self.wfile.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode("utf-8"))
+                # SSE 的格式：一行 "data: …"，一个空行结束一条事件；flush 让浏览器立刻收到
+                line = f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+                self.wfile.write(line.encode("utf-8"))
                 self.wfile.flush()
 
         return Handler
 
 
 def make_server(model, tokenizer, prompt_style=None, port=8000, host="127.0.0.1"):
-    return http.server.ThreadingHTTPServer((host, port), ChatServer(model, tokenizer, prompt_style).handler())
+    handler = ChatServer(model, tokenizer, prompt_style).handler()
+    return http.server.ThreadingHTTPServer((host, port), handler)
 
 
 def serve(s):
@@ -685,7 +735,8 @@ def serve(s):
 # ---- 命令行 ----
 def build_parser():
     p = ArgParser(description="KV 缓存：带缓存与不带缓存的生成，输出逐词相同，速度差很多")
-    p.add_argument("--model", choices=list(GPT_CONFIGS), help="随机权重的尺寸（默认 gpt2-small，--quick 时 tiny）")
+    p.add_argument("--model", choices=list(GPT_CONFIGS),
+                   help="随机权重的尺寸（默认 gpt2-small，--quick 时 tiny）")
     p.add_argument("--init", default="random",
                    help="random（默认：测速只看形状）；一个 *.pt 检查点（04、06 写出的）；gpt2 等 GPT-2 权重")
     for flag, kind, text in (("--new-tokens", int, "生成多少个新词"), ("--prompt-tokens", int, "提示词多少个词"),
@@ -696,7 +747,8 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="计算设备，auto = cuda > mps > cpu")
     p.add_argument("--compare-hf", action="store_true",
-                   help="再测一遍 Hugging Face transformers 的 generate 作对照（需要 pip install transformers）")
+                   help="再测一遍 Hugging Face transformers 的 generate 作对照"
+                        "（需要 pip install transformers）")
     p.add_argument("--serve", action="store_true",
                    help=f"浏览器里的聊天页：有 {INSTRUCT_CHECKPOINT} 就用 06 的指令模型，否则 {PRETRAINED}，否则 --init")
     p.add_argument("--port", type=int, default=8000, help="--serve 的端口（默认 8000，只监听 127.0.0.1）")
