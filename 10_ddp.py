@@ -443,13 +443,13 @@ DEFAULTS = {"model": "mini", "strategy": "ddp", "batch_size": 32, "grad_accum": 
 QUICK = {"model": "tiny", "max_steps": 30, "batch_size": 8, "warmup_steps": 5,
          "eval_every": 15, "log_every": 10}
 # 续训时沿用检查点的这些设置（总步数、日志间隔等可以改）：全局批次、学习率计划都得与上次相同
-RESUMED = ("model", "batch_size", "grad_accum", "lr", "embed_lr_mult", "min_lr_ratio",
+RESUME_KEYS = ("model", "batch_size", "grad_accum", "lr", "embed_lr_mult", "min_lr_ratio",
            "warmup_steps", "weight_decay", "grad_clip", "seed", "max_steps", "dtype")
 ADAM_EPS = 1e-5
 EVAL_WINDOWS = 480  # 验证用的窗口数：能被 1–6、8、10、12 整除，常见的进程数下每个进程一样多
 
 
-def build_model(s, enc, d):
+def build_replica(s, enc, d):
     """每个进程用同一个种子建模型：初值一样（FSDP 不会替你广播，必须靠同一个种子）。"""
     cfg = dict(model_config(s.model), vocab_size=enc.n_vocab)
     torch.manual_seed(s.seed)
@@ -464,7 +464,7 @@ def train_ddp(s, d, ckpt):
           f"设备 {d.device.type}，每个进程 {torch.get_num_threads()} 个线程；策略 {s.strategy}")
     allreduce_demo(d)
     enc = load_project_tokenizer()
-    model, cfg = build_model(s, enc, d)
+    model, cfg = build_replica(s, enc, d)
     train_tokens, val_tokens = load_corpus_in_turns(d, s.data, enc, cfg["context_length"])
     windows, val = (TokenWindows(t, cfg["context_length"]) for t in (train_tokens, val_tokens))
     shard = Shard(windows, d, s.batch_size, s.grad_accum, s.seed)
@@ -587,7 +587,7 @@ def build_parser():
                    help="模型尺寸（默认 mini，--quick 时 tiny；GPT-2 的尺寸需要 GPU）")
     p.add_argument("--data", default=str(DATA_DIR / "corpus"),
                    help="语料：.txt/.jsonl 文件、含它们的目录或 gutenberg:编号（默认 data/corpus）")
-    for flag, kind, text in SETTING_FLAGS:
+    for flag, kind, text in RUN_FLAGS:
         key = flag[2:].replace("-", "_")
         quick = f"，--quick 时 {QUICK[key]}" if key in QUICK else ""
         p.add_argument(flag, type=kind, help=f"{text}（默认 {DEFAULTS[key]}{quick}）")
@@ -612,11 +612,11 @@ def main(argv=None):
     try:
         s = make_settings(args)
         check_args(s, planned_world_size(s))
+        code = launch(s)
     except UserError as err:  # torchrun 下每个进程都会查出同样的错：只让 rank 0 说
         if os.environ.get("RANK", "0") == "0":
             print(f"错误：{err}", file=sys.stderr)
         sys.exit(2)
-    code = launch(s)
     if code:
         sys.exit(code)
 
@@ -624,7 +624,7 @@ def main(argv=None):
 
 # ===== 进阶：设置与检查、端口、出错与 Ctrl-C（第一次读可以跳过）=====
 
-SETTING_FLAGS = [  # (旗标, 类型, 说明)：说明后面自动补上 DEFAULTS / QUICK 里的取值
+RUN_FLAGS = [  # (旗标, 类型, 说明)：说明后面自动补上 DEFAULTS / QUICK 里的取值
     ("--batch-size", int, "全局批次：所有进程合计的序列数，须能被 进程数 × --grad-accum 整除"),
     ("--grad-accum", int, "每个进程每步累积几个小批次（用 no_sync 省掉前几次通信）"),
     ("--max-steps", int, "参数更新总步数"),
@@ -649,7 +649,7 @@ def make_settings(args):
               **{k: v for k, v in vars(args).items() if v is not None}}
     if args.resume:
         saved = load_checkpoint(Path(args.out_dir) / "ckpt.pt").get("settings", {})
-        keep = {k: saved[k] for k in RESUMED if k in saved}
+        keep = {k: saved[k] for k in RESUME_KEYS if k in saved}
         if args.max_steps is not None:  # 总步数可以在续训时改大
             keep.pop("max_steps", None)
         merged.update(keep)

@@ -22,6 +22,8 @@ INTENDED_VARIANTS = {
     ("GELU", "08_dpo.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
     ("LayerNorm", "09_kvcache.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
     ("GELU", "09_kvcache.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
+    ("LayerNorm", "10_ddp.py"): "同一公式交给 F.layer_norm 融合内核，训练提速（测试证明数值一致）",
+    ("GELU", "10_ddp.py"): "同一 tanh 近似交给 F.gelu 融合内核，训练提速（测试证明数值一致）",
     ("MultiHeadAttention", "09_kvcache.py"): "09 加了 KV 缓存（拼接 / 预分配两种）和批量生成用的掩码",
     ("TransformerBlock", "09_kvcache.py"): "09 把 use_cache、mask 传给带缓存的注意力",
     ("GPTModel", "09_kvcache.py"): "09 的 forward 多了 use_cache、positions、mask，另有 reset_cache()",
