@@ -6,8 +6,8 @@
 - DistributedSampler + set_epoch 分片、DDP 包装、no_sync 梯度累积、只在 rank 0 打印和存盘
 - FSDP2（fully_shard）：参数、梯度、优化器状态都切成片，每个进程只存 1/N；存盘时拼回完整的一份
 - 怎样证明没写错：同样的全局批次与种子，N 个进程与 1 个进程训练出同样的权重（测试逐个核对）
-运行：torchrun --standalone --nproc_per_node=2 10_ddp.py           # 主要用法：本机 2 个进程，约 2 分钟
-      torchrun --standalone --nproc_per_node=2 10_ddp.py --quick   # 冒烟：2 核 CPU 约 15 秒
+运行：torchrun --standalone --nproc_per_node=2 10_ddp.py           # 主要用法：本机 2 个进程，2 核 CPU 约 3 分钟
+      torchrun --standalone --nproc_per_node=2 10_ddp.py --quick   # 冒烟：2 核 CPU 约 12 秒
       python 10_ddp.py                # 单进程（world size 1）；python 10_ddp.py --spawn 2：没有 torchrun 时
       两台机器、--strategy fsdp、一个进程出错时会怎样：见 README 与文末进阶
 """
