@@ -1,5 +1,5 @@
 """10_ddp.py：torchrun 下 2 个 CPU 进程的运行只在 rank 0 打印；等价性——同样的全局批次与种子，
-2 个进程（DDP、FSDP、两台"机器"、mp.spawn、中途换成 1 个进程续训）与 1 个进程训练出同样的权重；
+2 个进程（DDP；两台"机器"上的 FSDP；mp.spawn 后中途换成 1 个进程续训）与 1 个进程训练出同样的权重；
 分片的并集就是单进程的批次；坏输入、端口占用、GPU 不够、一个进程出错时不卡住。"""
 import math
 import os
@@ -30,8 +30,8 @@ def python(*args, **kw):
 
 
 def torchrun(*args, **kw):
-    """torchrun --standalone --nproc_per_node=2 10_ddp.py CONFIG args。python -m torch.distributed.run
-    就是 torchrun 命令本身：PATH 里没有 torchrun 时也能用。"""
+    """torchrun --standalone --nproc_per_node=2 10_ddp.py CONFIG args。
+    python -m torch.distributed.run 就是 torchrun 命令本身：PATH 里没有 torchrun 时也能用。"""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return run([*launcher, "10_ddp.py", *CONFIG, *args], **kw)
 
@@ -45,12 +45,20 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def in_process(*args):
+    """在测试进程里直接调用 main()（world size 1 的进程组开在 127.0.0.1 的空闲端口上），省掉一次启动。"""
+    threads = torch.get_num_threads()
+    try:
+        load_script("10_ddp").main([*args])
+    finally:
+        torch.set_num_threads(threads)  # 单进程模式会按 CPU 核数设线程数：还原，免得影响别的测试
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """参照：1 个进程（python 10_ddp.py）按 CONFIG 训练出的权重。"""
     out = tmp_path_factory.mktemp("single")
-    result = python(*CONFIG, "--out-dir", str(out))
-    assert result.returncode == 0, result.stderr
+    in_process(*CONFIG, "--out-dir", str(out))
     return weights(out)
 
 
@@ -83,20 +91,9 @@ def test_toy_ddp_gradient_equals_whole_batch_gradient(ddp_run):
     assert float(line.split("最大差 ")[1].rstrip("）")) <= 1e-6
 
 
-def test_fsdp_two_ranks_match_one_process_and_hold_half(single, tmp_path):
-    result = torchrun("--strategy", "fsdp",
-                      "--out-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert max_diff(single, weights(tmp_path)) <= 1e-5
-    line = next(x for x in result.stdout.splitlines() if x.startswith("内存"))
-    held = [float(v) for v in line.split("每个进程 ")[1].split(" MB")[0].split("、")]
-    full = float(line.split("完整的 ")[1].split(" MB")[0])
-    # 两片合起来正好是一份完整的（逐个张量切片，按 0.01 MB 的打印精度比较）
-    assert len(held) == 2 and math.isclose(sum(held), full, abs_tol=0.02)
-    assert max(held) < 0.6 * full
-
-
-def test_two_nodes_rendezvous_on_localhost(single, tmp_path):
+def test_two_nodes_rendezvous_with_fsdp_match_one_process(single, tmp_path):
+    """两台"机器"（127.0.0.1 上的两个 torchrun，每台 1 个进程）、FSDP 分片：权重与 1 个进程相同，
+    每个进程只持有一半的模型状态。"""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -104,7 +101,7 @@ def test_two_nodes_rendezvous_on_localhost(single, tmp_path):
               f"--master_port={port}"]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common,
                                f"--node_rank={rank}", "10_ddp.py", *CONFIG,
-                               "--out-dir", str(tmp_path)],
+                               "--strategy", "fsdp", "--out-dir", str(tmp_path)],
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=180) for node in nodes]
@@ -112,15 +109,20 @@ def test_two_nodes_rendezvous_on_localhost(single, tmp_path):
     assert "进程组：2 个进程（每台机器 1 个）" in outputs[0][0]
     assert "进程组" not in outputs[1][0]  # 第二台机器上只有 rank 1：什么也不打印
     assert max_diff(single, weights(tmp_path)) <= 1e-5
+    line = next(x for x in outputs[0][0].splitlines() if x.startswith("内存"))
+    held = [float(v) for v in line.split("每个进程 ")[1].split(" MB")[0].split("、")]
+    full = float(line.split("完整的 ")[1].split(" MB")[0])
+    # 两片合起来正好是一份完整的（逐个张量切片，按 0.01 MB 的打印精度比较）
+    assert len(held) == 2 and math.isclose(sum(held), full, abs_tol=0.02)
+    assert max(held) < 0.6 * full
 
 
-def test_spawn_then_resume_with_one_process_matches_uninterrupted(single, tmp_path):
+def test_spawn_then_resume_with_one_process_matches_uninterrupted(single, tmp_path, capsys):
     first = python(*CONFIG, "--spawn", "2", "--stop-at", "3", "--out-dir", str(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
-    second = python(*CONFIG, "--resume", "--out-dir", str(tmp_path))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "上次 2 个进程，这次 1 个" in second.stdout
+    in_process(*CONFIG, "--resume", "--out-dir", str(tmp_path))
+    assert "上次 2 个进程，这次 1 个" in capsys.readouterr().out
     assert max_diff(single, weights(tmp_path)) <= 1e-5
 
 
@@ -169,13 +171,15 @@ def test_device_choice_refuses_more_ranks_than_gpus(monkeypatch):
         ddp.choose_device("cuda", 0, 1)
 
 
-def test_port_in_use_is_one_clear_message():
+def test_port_in_use_is_one_clear_message(capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        result = python("--quick", "--master-port", str(busy.getsockname()[1]))
-    assert result.returncode == 2
-    assert "已被占用" in result.stderr and "Traceback" not in result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            in_process("--quick", "--master-port", str(busy.getsockname()[1]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "已被占用" in err and err.count("\n") == 1
 
 
 BAD = [("--batch-size", "0"), ("--batch-size", "-4"), ("--grad-accum", "0"),
