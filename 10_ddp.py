@@ -692,6 +692,8 @@ def check_args(s, world_size):
         raise UserError("已经在 torchrun 下运行，不要再加 --spawn")
     if len(load_project_tokenizer().encode(s.prompt)) > MODEL_SIZES[s.model]["context_length"]:
         raise UserError("--prompt 比模型的上下文还长：请缩短它")
+    if not s.data.startswith("gutenberg:") and not Path(s.data).exists():
+        raise UserError(f"找不到语料路径 {s.data}")  # 现在就说，不必等所有进程都连好
     if Path(s.out_dir).exists() and not Path(s.out_dir).is_dir():
         raise UserError(f"--out-dir {s.out_dir} 已存在，但不是目录")
 

@@ -188,7 +188,8 @@ BAD = [("--batch-size", "0"), ("--batch-size", "-4"), ("--grad-accum", "0"),
        ("--warmup-steps", "-1"), ("--weight-decay", "nan"), ("--grad-clip", "0"),
        ("--eval-every", "0"), ("--log-every", "-5"), ("--seed", "-1"), ("--timeout", "0"),
        ("--timeout", "nan"), ("--stop-at", "0"), ("--spawn", "0"), ("--spawn", "100000"),
-       ("--master-port", "70000"), ("--fail-rank", "-1"), ("--prompt", "字" * 200)]
+       ("--master-port", "70000"), ("--fail-rank", "-1"), ("--prompt", "字" * 200),
+       ("--data", "/no/such/corpus")]
 
 
 @pytest.mark.parametrize("flag,value", BAD, ids=[f"{f}={v[:6]}" for f, v in BAD])
