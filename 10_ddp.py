@@ -418,7 +418,8 @@ def report_throughput(run, s, alone):
           f"token/s；单独一个进程（同样的每进程批次与线程数、不通信）{alone:,.0f} token/s {scaling}")
     mb = [f"{h / 2**20:.2f}" for h in held]
     other = (f"DDP 下每个进程都要存完整的 {full / 2**20:.2f} MB" if s.strategy == "fsdp" else
-             f"换 --strategy fsdp，每个进程约存 {full / d.world_size / 2**20:.2f} MB")
+             f"换 --strategy fsdp，每个进程约存 {full / d.world_size / 2**20:.2f} MB"
+             if d.world_size > 1 else "FSDP 在 N 个进程上时，每个进程约存其中的 1/N")
     d.log(f"内存（参数 + 梯度 + AdamW 状态）：{s.strategy.upper()} 每个进程 {'、'.join(mb)} MB；{other}")
     if d.device.type == "cuda":
         d.log(f"rank 0 显存峰值 {torch.cuda.max_memory_allocated(d.device) / 2**20:.0f} MB")
@@ -460,6 +461,8 @@ def build_replica(s, enc, d):
 
 
 def train_ddp(s, d, ckpt):
+    """一个进程的全部工作：热身 → 数据与分片 → 基线 → 包装模型 → 训练 → 吞吐与样本。
+    每个进程都执行这同一个函数；谁打印、谁写文件，只看 d.main。"""
     d.log(f"进程组：{d.world_size} 个进程（每台机器 {d.local_world_size} 个），后端 {d.backend}，"
           f"设备 {d.device.type}，每个进程 {torch.get_num_threads()} 个线程；策略 {s.strategy}")
     allreduce_demo(d)
@@ -467,12 +470,14 @@ def train_ddp(s, d, ckpt):
     model, cfg = build_replica(s, enc, d)
     train_tokens, val_tokens = load_corpus_in_turns(d, s.data, enc, cfg["context_length"])
     windows, val = (TokenWindows(t, cfg["context_length"]) for t in (train_tokens, val_tokens))
+    # 每个进程都建一个 Shard：洗牌的种子相同，所以不必通信就知道自己该取哪些窗口
     shard = Shard(windows, d, s.batch_size, s.grad_accum, s.seed)
     if shard.steps_per_epoch < 1:
         raise UserError(f"训练集只有 {len(windows)} 个窗口，凑不出一个 --batch-size {s.batch_size}")
     eval_count = min(EVAL_WINDOWS, len(val)) // d.world_size * d.world_size
     if eval_count == 0:
         raise UserError(f"验证集只有 {len(val)} 个窗口，不够分给 {d.world_size} 个进程")
+    # 基线只在 rank 0 上数（只有它打印）；数的是与评估完全相同的那一段验证集，两个数才可比
     baselines = count_baselines(train_tokens, val_tokens[:eval_count * cfg["context_length"] + 1],
                                 enc.n_vocab) if d.main else {}
     d.log(f"模型 {s.model}：{cfg['n_layers']} 层，宽 {cfg['emb_dim']}，参数 "
@@ -480,6 +485,7 @@ def train_ddp(s, d, ckpt):
           f"{len(windows):,} 个窗口（每轮 {shard.steps_per_epoch} 步），验证 {eval_count} 个窗口；"
           f"全局批次 {s.batch_size} = {d.world_size} 个进程 × {shard.per_rank}"
           + (f"（每个进程累积 {s.grad_accum} 个小批次）" if s.grad_accum > 1 else ""))
+    # 包装之前测"单独一个进程"的速度：此时模型还是普通的 GPTModel，复制一份训练几步不涉及任何通信
     alone = time_alone(model, shard, s, d, steps=8 if s.quick else 20)
     model = wrap_model(model, d, s.strategy)
     # 优化器在包装之后建：FSDP 把参数换成了分片的 DTensor，优化器要拿到的是它们
@@ -501,12 +507,12 @@ def train_ddp(s, d, ckpt):
     else:
         baselines = {"unigram": math.nan, "bigram": math.nan}
     reason = train_loop(run, s, eval_count, baselines)
-    if reason != "done":
+    if reason != "done":  # Ctrl-C 或 --stop-at：检查点已在 train_loop 里存好
         d.log(f"检查点已保存到 {Path(s.out_dir) / 'ckpt.pt'}（第 {run.step} 步）；"
               f"加 --resume 接着训练（进程数可以不同）")
         return 130 if reason == "interrupted" else 0
     report_throughput(run, s, alone)
-    if d.main:
+    if d.main:  # 从刚存的文件重建一个普通模型：顺便证明检查点是完整的、不依赖分布式环境
         final = GPTModel(cfg)
         final.load_state_dict(load_checkpoint(Path(s.out_dir) / "ckpt.pt")["model"])
         print(f"检查点：{Path(s.out_dir) / 'ckpt.pt'}（普通 GPTModel 的权重，04–09 可用 --init 载入）")
