@@ -154,6 +154,7 @@ class TokenWindows(Dataset):
         return (len(self.tokens) - 1) // self.n
 
     def __getitem__(self, i):
+        # 互不重叠：一轮里每个 token 只被当作目标一次；相邻窗口共用一个边界 token（上一个的目标、这一个的输入）
         return torch.from_numpy(self.tokens[i * self.n:i * self.n + self.n + 1].astype(np.int64))
 
 
@@ -166,8 +167,9 @@ class Shard:
         # drop_last：窗口数除不尽 N 时丢掉尾巴，而不是像默认那样重复几个凑整
         self.sampler = DistributedSampler(windows, num_replicas=d.world_size, rank=d.rank,
                                           shuffle=True, seed=seed, drop_last=True)
-        self.per_rank = batch_size // d.world_size
+        self.per_rank = batch_size // d.world_size  # 每个进程每步的序列数（check_args 保证整除）
         self.micro = self.per_rank // grad_accum
+        # 每轮的步数按全局批次算，与进程数无关：换个进程数续训，第 k 步仍落在同一轮的同一位置
         self.steps_per_epoch = len(windows) // batch_size
         self.epoch, self.order = None, []
 
@@ -181,6 +183,7 @@ class Shard:
         return [mine[i:i + self.micro] for i in range(0, self.per_rank, self.micro)]
 
     def fetch(self, indices, device):
+        # 从 memmap 只读这几个窗口；窗口是 (n+1) 个 token，切成输入（前 n 个）与目标（后 n 个）
         batch = torch.stack([self.windows[i] for i in indices]).to(device)
         return batch[:, :-1], batch[:, 1:]
 
@@ -220,6 +223,7 @@ def wrap_model(model, d, strategy):
     return fully_shard(model)  # 原地改造：还是同一个 GPTModel，参数变成了 DTensor（分布式张量）
 
 
+# 优化器分组要按 tok_emb、out_head 这些名字找参数：DDP 包装后它们在 .module 里
 def unwrap(model):
     """DDP 把模型包在 .module 里；FSDP 原地改造，模型还是它自己。"""
     return model.module if isinstance(model, DDP) else model
@@ -273,12 +277,14 @@ def ddp_train_step(run, s):
     lr = lr_at(run.step + 1, s.lr, s.warmup_steps, s.max_steps, s.lr * s.min_lr_ratio)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
+    # 每个进程只取自己那一份；合起来就是单进程这一步的全局批次
     micro_batches = run.shard.micro_batches(run.step)
     total = 0.0
     for i, indices in enumerate(micro_batches):
         with gradient_sync(run.model, i == len(micro_batches) - 1):
             x, y = run.shard.fetch(indices, run.d.device)
             with run.autocast():
+                # 除以小批次数：累加起来正好是本进程这一份的平均；DDP 再在进程之间取平均
                 loss = calc_loss_batch(run.model, x, y) / len(micro_batches)
             loss.backward()
         total += loss.item()
@@ -322,6 +328,7 @@ def train_loop(run, s, eval_count, baselines):
             loss, lr = ddp_train_step(run, s)
             if s.fail_rank == d.rank and run.step == 3:
                 raise RankFailure(f"演示（--fail-rank {d.rank}）：本进程在第 3 步故意出错")
+            # 两个数一次通信：损失求和（除以进程数得平均）、"要停"的票数（有一票就都停）
             flags = torch.tensor([loss, float(stop.requested)], device=d.device)
             dist.all_reduce(flags)
             sync(d.device)
@@ -343,6 +350,7 @@ def train_loop(run, s, eval_count, baselines):
                       f"{row['val_loss'] - baselines['bigram']:+.3f}")
             if flags[1].item() > 0 or run.step == s.stop_at:
                 reason = "interrupted" if flags[1].item() > 0 else "stop_at"
+            # 存盘是集体操作：每个进程在同一步走到这里（评估步相同，停下的步也已商量好）
             if "val_loss" in row or reason != "done":
                 save_run(run, s)
     return reason
@@ -382,7 +390,7 @@ def time_alone(model, shard, s, d, steps):
     """扩展效率的分母：rank 0 单独训练一份副本几步（同样的每进程小批次、同样的线程数、不通信），
     其他进程在 barrier 等着。返回这个"单独一个进程"的 token/s（只在 rank 0 上有意义）。"""
     rate = 0.0
-    if d.main:
+    if d.main:  # 只让 rank 0 测：几个进程同时测，测到的就是互相抢 CPU 时的速度了
         trial = copy.deepcopy(model)
         optimizer = make_optimizer(trial, s.lr, s.weight_decay, "foreach", s.embed_lr_mult)
         x, y = shard.fetch(shard.micro_batches(0)[0], d.device)
@@ -405,6 +413,7 @@ def report_throughput(run, s, alone):
     d = run.d
     tokens = run.timed_steps * s.batch_size // d.world_size * run.config["context_length"]
     rates = [None] * d.world_size
+    # all_gather_object 能收集任意 Python 对象（先序列化）：适合这种一次性的小数字，不适合大张量
     dist.all_gather_object(rates, tokens / max(run.train_seconds, 1e-9))
     local, full = state_bytes(run.model, run.optimizer)
     held = [None] * d.world_size
@@ -560,6 +569,7 @@ def launch(args):
                              env["LOCAL_WORLD_SIZE"], "env://"))
     if sys.platform == "win32":  # Windows 版 torch 没有 libuv：不关掉它，建登记处时会报错
         os.environ.setdefault("USE_LIBUV", "0")
+    # 只在本机：所有进程都在这台机器上，rank 0 在这个地址开登记处，其余进程连过来
     address = f"tcp://127.0.0.1:{pick_port(args.master_port)}"
     if not args.spawn:  # python 10_ddp.py：只有一个进程的"进程组"，代码路径与多进程完全相同
         return worker(args, (0, 0, 1, 1, address))
